@@ -1,0 +1,1 @@
+"""Runtime: Ray start-up, TeacherPool / MetaLearner roles and the driver's round loop."""

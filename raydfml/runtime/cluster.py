@@ -1,0 +1,63 @@
+"""Starting or joining Ray, and the resources our actors and tasks ask for."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+_PACKAGE_PARENT = str(Path(__file__).resolve().parents[2])
+
+
+def ensure_ray(address: str | None = None, num_cpus: int | None = None, num_gpus: int | None = None):
+    """Start a local Ray instance (or join ``address``) unless one is already running in this process.
+
+    Workers get the package on PYTHONPATH even when raydfml is not pip-installed.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return ray
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    env_vars = {"PYTHONPATH": os.pathsep.join(p for p in [_PACKAGE_PARENT, os.environ.get("PYTHONPATH", "")] if p)}
+    kwargs: dict = dict(include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": env_vars})
+    if address:
+        kwargs["address"] = address
+    else:
+        if num_cpus is not None:
+            kwargs["num_cpus"] = num_cpus
+        if num_gpus is not None:
+            kwargs["num_gpus"] = num_gpus
+    ray.init(**kwargs)
+    return ray
+
+
+def cluster_gpus() -> float:
+    import ray
+
+    return float(ray.cluster_resources().get("GPU", 0.0)) if ray.is_initialized() else 0.0
+
+
+def gpu_fraction(workers: int) -> float:
+    """GPU share for each of ``workers`` concurrent actors/tasks: 0 without GPUs, else a fraction <= 1."""
+    gpus = cluster_gpus()
+    if gpus <= 0 or workers <= 0:
+        return 0.0
+    return round(min(1.0, gpus / workers), 4)
+
+
+def worker_device(prefer: str = "auto"):
+    """Device inside a Ray worker: CUDA when Ray assigned us a GPU, else CPU with one thread.
+
+    On a 2-core machine, actors that each use all cores fight for them; one thread each scales.
+    """
+    import torch
+
+    try:
+        import ray
+
+        gpu_ids = ray.get_runtime_context().get_accelerator_ids().get("GPU", []) if ray.is_initialized() else []
+    except Exception:  # not inside Ray
+        gpu_ids = []
+    if prefer != "cpu" and gpu_ids and torch.cuda.is_available():
+        return torch.device("cuda")
+    torch.set_num_threads(1)
+    return torch.device("cpu")

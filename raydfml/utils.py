@@ -1,0 +1,58 @@
+"""Small shared helpers: seeding, device resolution, hashing, atomic writes."""
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import UserError
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (CPU and CUDA) RNGs."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """``auto`` -> CUDA when present, else CPU; ``cuda`` without a GPU is a user error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {device}: no CUDA device is available on this machine (use auto or cpu)")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise UserError(f"--device {device}: expected auto, cpu or cuda[:N]")
+    return torch.device(device)
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike):
+    """Yield a temporary sibling path; rename it onto ``path`` only if the block succeeds.
+
+    Outputs therefore never exist half-written under their final name.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()

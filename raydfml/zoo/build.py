@@ -1,0 +1,247 @@
+"""Building a teacher pool in parallel: plan class subsets, train teachers on Ray, write the manifest.
+
+Each teacher is a ``way``-way classifier on a class subset of the dataset's meta-train split:
+``disjoint`` gives contiguous blocks of class ids (PURER), ``random`` gives seeded random subsets that
+may overlap (FREE / TGR / BiDf-MKD). Per class the first 80% of the images (in the split's sorted
+CSV order) train the teacher and the last 20% are its held-out set.
+
+Fixes against the seeds: the best held-out checkpoint is *copied* (the seeds alias the live tensors
+and so save the last epoch); class subsets are sorted, so output j is always ``classes[j]``.
+Deliberate deviation: learning rates follow a one-cycle schedule peaking at the seeds' value
+(conv4 Adam 0.01; ResNets SGD 0.01 / momentum 0.9 / wd 5e-4), because plain Adam at 0.01 was
+unstable on short CPU budgets (reference/glyph_probe.md).
+"""
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..data.layout import ImageSplit, ensure_dataset, load_split
+from ..data.registry import get_spec
+from ..data.transforms import normalize
+from ..errors import UserError
+from ..models import ARCHS, build_model
+from ..utils import atomic_path, sha256_file
+from .manifest import TeacherRecord, read_manifest, write_manifest
+
+POLICIES = ("disjoint", "random")
+HELDOUT_FRACTION = 0.2
+
+
+@dataclass(frozen=True)
+class ZooConfig:
+    dataset: str = "glyphs"
+    arch: str = "conv4"
+    num: int = 10
+    way: int = 5
+    policy: str = "random"
+    seed: int = 0
+    epochs: int = 5
+    width: float = 1.0
+    batch_size: int = 128
+    image_size: int | None = None   # None: the dataset's own size
+
+    def validate(self) -> None:
+        if self.arch not in ARCHS:
+            raise UserError(f"--arch {self.arch!r}: unknown architecture; choose one of {', '.join(ARCHS)}")
+        if self.policy not in POLICIES:
+            raise UserError(f"--policy {self.policy!r}: choose disjoint or random")
+        get_spec(self.dataset)
+        for name in ("num", "way", "epochs", "batch_size"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.width <= 0:
+            raise UserError(f"--width must be positive, got {self.width}")
+
+
+def teacher_seed(seed: int, teacher_id: int) -> int:
+    return int(np.random.SeedSequence([seed, teacher_id]).generate_state(1)[0])
+
+
+def plan_classes(cfg: ZooConfig, num_classes: int) -> list[tuple[int, ...]]:
+    """Class subsets per teacher, sorted ids. Deterministic in (policy, seed)."""
+    if cfg.way > num_classes:
+        raise UserError(f"--way {cfg.way}: the meta-train split has only {num_classes} classes")
+    if cfg.policy == "disjoint":
+        blocks = num_classes // cfg.way
+        if cfg.num > blocks:
+            raise UserError(f"--num {cfg.num}: disjoint {cfg.way}-way blocks of {num_classes} classes allow at most "
+                            f"{blocks} teachers (use --policy random for more)")
+        return [tuple(range(k * cfg.way, (k + 1) * cfg.way)) for k in range(cfg.num)]
+    plans = []
+    for k in range(cfg.num):
+        rng = np.random.default_rng([cfg.seed, k])
+        plans.append(tuple(sorted(int(c) for c in rng.choice(num_classes, cfg.way, replace=False))))
+    return plans
+
+
+def split_rows(labels: np.ndarray, classes: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Train/held-out row indices and relative labels: first 80% of each class trains, last 20% is held out."""
+    tr, tr_y, ho, ho_y = [], [], [], []
+    for j, c in enumerate(classes):
+        rows = np.flatnonzero(labels == c)
+        n_ho = max(1, int(round(HELDOUT_FRACTION * len(rows))))
+        if len(rows) - n_ho < 1:
+            raise UserError(f"class id {c} has only {len(rows)} meta-train image(s); a teacher needs at least 2")
+        tr.append(rows[:-n_ho]); tr_y.append(np.full(len(rows) - n_ho, j))
+        ho.append(rows[-n_ho:]); ho_y.append(np.full(n_ho, j))
+    return np.concatenate(tr), np.concatenate(tr_y), np.concatenate(ho), np.concatenate(ho_y)
+
+
+def _accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 512) -> float:
+    model.eval()
+    correct = 0
+    with torch.no_grad():
+        for i in range(0, len(x), batch):
+            correct += (model(x[i:i + batch]).argmax(1) == y[i:i + batch]).sum().item()
+    return correct / max(1, len(x))
+
+
+def train_teacher(images: np.ndarray, labels: np.ndarray, classes: tuple[int, ...], cfg: ZooConfig, seed: int,
+                  device: torch.device | str = "cpu") -> tuple[dict[str, torch.Tensor], float]:
+    """Train one teacher; return the best-held-out state dict (a copy, on CPU) and its held-out accuracy."""
+    spec = get_spec(cfg.dataset)
+    size = cfg.image_size or spec.image_size
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    tr, tr_y, ho, ho_y = split_rows(labels, classes)
+    x_tr = normalize(torch.from_numpy(np.ascontiguousarray(images[tr])), spec, device)
+    y_tr = torch.as_tensor(tr_y, device=device)
+    x_ho = normalize(torch.from_numpy(np.ascontiguousarray(images[ho])), spec, device)
+    y_ho = torch.as_tensor(ho_y, device=device)
+
+    model = build_model(cfg.arch, num_classes=len(classes), image_size=size, width=cfg.width).to(device)
+    steps_per_epoch = max(1, int(np.ceil(len(tr) / cfg.batch_size)))
+    if cfg.arch == "conv4":
+        opt: torch.optim.Optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    else:
+        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.01, total_steps=cfg.epochs * steps_per_epoch)
+
+    best_acc, best_state = -1.0, None
+    for _ in range(cfg.epochs):
+        model.train()
+        order = rng.permutation(len(tr))
+        for i in range(0, len(order), cfg.batch_size):
+            idx = torch.as_tensor(order[i:i + cfg.batch_size], device=device)
+            loss = F.cross_entropy(model(x_tr[idx]), y_tr[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 50.0)
+            opt.step()
+            sched.step()
+        acc = _accuracy(model, x_ho, y_ho)
+        if acc > best_acc:
+            # A deep copy: the seeds kept a reference and so saved the last epoch (reference bug B5).
+            best_acc, best_state = acc, copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()})
+    assert best_state is not None
+    return best_state, best_acc
+
+
+def _train_task(images: np.ndarray, labels: np.ndarray, classes: tuple[int, ...], cfg: ZooConfig, seed: int):
+    """Body of the Ray task: pick the device Ray gave us (one CPU thread, or a GPU share)."""
+    from ..runtime.cluster import worker_device
+
+    return train_teacher(images, labels, classes, cfg, seed, worker_device())
+
+
+def _is_current(rec: TeacherRecord, zoo_dir: Path, cfg: ZooConfig, classes: tuple[int, ...], size: int) -> bool:
+    path = zoo_dir / rec.file
+    return (rec.dataset == cfg.dataset and rec.arch == cfg.arch and rec.width == cfg.width
+            and rec.classes == classes and rec.epochs == cfg.epochs and rec.seed == cfg.seed
+            and rec.image_size == size and path.is_file() and sha256_file(path) == rec.sha256)
+
+
+def build_zoo(cfg: ZooConfig, zoo_dir: str | Path, data_root: str | Path, workers: int = 1,
+              device: str = "auto", progress: bool = True, split: ImageSplit | None = None) -> list[TeacherRecord]:
+    """Train (or reuse) every teacher of ``cfg`` into ``zoo_dir``; returns the manifest records.
+
+    Teachers whose file still matches its manifest checksum are skipped, so a re-run is a no-op and
+    an interrupted build resumes. The manifest is rewritten after every finished teacher.
+    ``workers=0`` trains in this process; ``workers>=1`` runs that many Ray tasks at once.
+    """
+    cfg.validate()
+    zoo_dir = Path(zoo_dir).resolve()
+    zoo_dir.mkdir(parents=True, exist_ok=True)
+    spec = get_spec(cfg.dataset)
+    size = cfg.image_size or spec.image_size
+    if split is None:
+        ensure_dataset(data_root, cfg.dataset)
+        split = load_split(data_root, cfg.dataset, "meta_train", image_size=size)
+    plans = plan_classes(cfg, split.num_classes)
+
+    existing = {r.teacher_id: r for r in read_manifest(zoo_dir, missing_ok=True)}
+    records: dict[int, TeacherRecord] = {}
+    todo = []
+    for tid, classes in enumerate(plans):
+        rec = existing.get(tid)
+        if rec is not None and _is_current(rec, zoo_dir, cfg, classes, size):
+            records[tid] = rec
+        else:
+            todo.append((tid, classes))
+    # Records beyond this plan (a zoo built with a larger --num) are kept; they stay valid teachers.
+    for tid, rec in existing.items():
+        if tid >= len(plans):
+            records[tid] = rec
+
+    def finish(tid: int, classes: tuple[int, ...], state: dict, acc: float) -> None:
+        fname = f"teacher_{tid:04d}.pt"
+        with atomic_path(zoo_dir / fname) as tmp:
+            torch.save(state, tmp)
+        records[tid] = TeacherRecord(tid, cfg.dataset, cfg.arch, cfg.width, size, classes, round(acc, 6),
+                                     cfg.seed, cfg.epochs, fname, sha256_file(zoo_dir / fname))
+        write_manifest(zoo_dir, list(records.values()))
+
+    bar = tqdm(total=len(plans), initial=len(plans) - len(todo), desc=f"teachers ({cfg.arch})", unit="teacher",
+               disable=not progress)
+    if workers <= 0:
+        from ..utils import resolve_device
+
+        dev = resolve_device(device)
+        for tid, classes in todo:
+            state, acc = train_teacher(split.images, split.labels, classes, cfg, teacher_seed(cfg.seed, tid), dev)
+            finish(tid, classes, state, acc)
+            bar.update(1)
+            bar.set_postfix(last_acc=f"{acc:.3f}")
+    elif todo:
+        _build_on_ray(cfg, split, todo, workers, finish, bar)
+    bar.close()
+    if not todo:
+        write_manifest(zoo_dir, list(records.values()))
+    return [records[k] for k in sorted(records)]
+
+
+def _build_on_ray(cfg, split, todo, workers, finish, bar) -> None:
+    import ray
+
+    from ..runtime.cluster import ensure_ray, gpu_fraction
+
+    ensure_ray()
+    task = ray.remote(_train_task).options(num_cpus=1, num_gpus=gpu_fraction(workers), max_retries=1)
+    images_ref, labels_ref = ray.put(split.images), ray.put(split.labels)
+    pending: dict = {}
+    queue = list(todo)
+    while queue or pending:
+        while queue and len(pending) < workers:
+            tid, classes = queue.pop(0)
+            ref = task.remote(images_ref, labels_ref, classes, cfg, teacher_seed(cfg.seed, tid))
+            pending[ref] = (tid, classes)
+        done, _ = ray.wait(list(pending), num_returns=1)
+        for ref in done:
+            tid, classes = pending.pop(ref)
+            state, acc = ray.get(ref)
+            finish(tid, classes, state, acc)
+            bar.update(1)
+            bar.set_postfix(last_acc=f"{acc:.3f}")
+
+
+def default_zoo_dir(data_root: str | Path, cfg: ZooConfig) -> Path:
+    width = "" if cfg.width == 1.0 else f"-w{cfg.width:g}"
+    return Path(data_root) / "zoo" / f"{cfg.dataset}-{cfg.arch}{width}-{cfg.way}way-{cfg.policy}-n{cfg.num}-s{cfg.seed}-e{cfg.epochs}"
