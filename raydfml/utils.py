@@ -7,14 +7,14 @@ import random
 from contextlib import contextmanager
 from pathlib import Path
 
-import numpy as np
-import torch
-
 from .errors import UserError
 
 
 def seed_everything(seed: int) -> None:
     """Seed Python, NumPy and torch (CPU and CUDA) RNGs."""
+    import numpy as np
+    import torch
+
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
@@ -22,8 +22,10 @@ def seed_everything(seed: int) -> None:
         torch.cuda.manual_seed_all(seed)
 
 
-def resolve_device(device: str = "auto") -> torch.device:
+def resolve_device(device: str = "auto"):
     """``auto`` -> CUDA when present, else CPU; ``cuda`` without a GPU is a user error."""
+    import torch  # imported here so light CLIs (filelist, glyphs) start fast
+
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():

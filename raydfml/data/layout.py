@@ -143,9 +143,10 @@ def ensure_dataset(root: str | os.PathLike, name: str) -> Path:
 
             kwargs: dict = {"name": spec.name}
             if spec.name.startswith("glyphs-"):
-                # TODO(glyphs): the class count per domain is left to generate_glyphs' defaults;
-                # pass num_classes here if the glyphs API wants the caller to choose it.
-                kwargs["domain"] = spec.name.split("-", 1)[1]
+                # A domain (one script, say) may hold fewer glyphs than the default 100 classes.
+                domain = spec.name.split("-", 1)[1]
+                kwargs["domain"] = domain
+                kwargs["classes"] = min(glyphs.DEFAULT_CLASSES, glyphs.available_classes(domain))
             glyphs.generate_glyphs(root, **kwargs)
         return ddir
     if not ddir.is_dir():
@@ -200,6 +201,14 @@ def _decode(path: Path, size: int, csv_path: Path, line: int) -> np.ndarray:
     return arr.transpose(2, 0, 1)
 
 
+def _usable_cpus() -> int:
+    # Respect CPU affinity (e.g. a Ray worker pinned to a few cores), not just the host's count.
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not available on macOS / Windows
+        return os.cpu_count() or 1
+
+
 def _decode_all(paths: list[Path], size: int, csv_path: Path, lines: list[int], progress: bool,
                 desc: str, chunk: int = 256) -> np.ndarray:
     """Decode into one preallocated array with a thread pool (Pillow releases the GIL while decoding).
@@ -219,7 +228,7 @@ def _decode_all(paths: list[Path], size: int, csv_path: Path, lines: list[int], 
     if progress:
         from tqdm import tqdm
         bar = tqdm(total=len(paths), desc=desc, unit="img")
-    workers = max(1, min(16, os.cpu_count() or 1))
+    workers = max(1, min(16, _usable_cpus()))
     pool = ThreadPoolExecutor(max_workers=workers)
     try:
         for done in pool.map(work, range(0, len(paths), chunk)):  # re-raises a worker's error

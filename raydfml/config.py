@@ -1,0 +1,239 @@
+"""Typed experiment configuration and the one place that resolves presets.
+
+An experiment is ``scenario x method x profile`` plus explicit overrides:
+
+- scenario: which data and teacher pool (``mr`` one dataset and architecture; ``md``/``ma`` and the
+  black-box scenarios come with their issues),
+- method: which parts (synthesizer, aggregation rule, learner) with their hyperparameters,
+- profile: how much compute (``smoke`` for tests, ``quick`` the CPU default, ``paper`` the seeds' values).
+
+``resolve()`` applies them in that order, then the overrides (dotted keys such as
+``learner.inner_lr``). Nothing else changes what gets built: constructors take these values.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import UserError
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "glyphs"
+    data_root: str = "data"
+    image_size: int | None = None       # None: the dataset's own size
+
+
+@dataclass
+class PoolConfig:
+    """The teacher pool: one zoo per architecture, all on ``data.dataset``."""
+    archs: tuple[str, ...] = ("conv4",)
+    num_per_arch: int = 10
+    way: int = 5
+    policy: str = "random"
+    epochs: int = 4
+    width: float = 1.0                 # channel multiplier for ResNet teachers (CPU profiles narrow them)
+    zoo_dir: str | None = None          # None: <data_root>/zoo/<derived name>
+    seed: int = 0
+
+
+@dataclass
+class SynthConfig:
+    name: str = "deepinv"               # deepinv | purer
+    per_class: int = 20                 # recovered images per class per teacher
+    steps: int = 200                    # inversion steps per teacher visit (deepinv)
+    lr_generator: float = 1e-3
+    lr_latent: float = 1e-3
+    bn_weight: float = 1.0
+    ce_weight: float = 1.0
+    augment: str = "crop_flip"          # augmentation applied inside the inversion loop
+    # PURER's learnable dataset and episode curriculum
+    purer_lr: float = 0.25
+    adv_start: int = 4000
+    patience: int = 6
+    adv_scale: float = 10.0
+
+
+@dataclass
+class LearnerConfig:
+    name: str = "maml"                  # maml | anil | protonet | reptile
+    arch: str = "conv4"
+    width: float = 1.0
+    adaptive_pool: bool = False
+    first_order: bool = True
+    inner_lr: float = 0.01
+    inner_steps: int = 5
+    test_inner_steps: int = 10
+    outer_lr: float = 1e-3
+    meta_batch: int = 4
+    train_shot: int = 5
+    train_query: int = 15
+    kd_weight: float = 1.0
+    ce_weight: float = 1.0
+    temperature: float = 1.0
+
+
+@dataclass
+class TrainConfig:
+    rounds: int = 20
+    teachers_per_round: int = 4
+    kd_steps: int = 1                   # meta-updates from the round's per-teacher distillation gradients
+    replay_batches: int = 10            # meta-batches of bank replay per round
+    bank_per_class: int = 200           # ring size per global class in the task memory bank
+    augment: str = "colour"             # augmentation of bank images when the learner uses them (a named prior)
+    eval_every: int = 5
+    val_tasks: int = 100
+    test_tasks: int = 600
+    test_shots: tuple[int, ...] = (1, 5)
+    way: int = 5
+    query: int = 15
+    baselines: tuple[str, ...] = ("random_init", "teacher_average", "with_data")
+    checkpoint_every: int = 1
+
+
+@dataclass
+class RuntimeConfig:
+    workers: int = 2                    # TeacherPool actors; 0 = everything in-process
+    device: str = "auto"
+    address: str | None = None          # Ray address; None starts a local instance
+    actor_cpus: float = 1.0
+    actor_gpus: float | None = None      # None: share the cluster's GPUs among the actors
+
+
+@dataclass
+class ExperimentConfig:
+    scenario: str = "mr"
+    method: str = "deepinv"
+    profile: str = "quick"
+    seed: int = 0
+    out: str | None = None              # run directory; None: runs/<scenario>-<method>-<profile>-s<seed>
+    data: DataConfig = field(default_factory=DataConfig)
+    pool: PoolConfig = field(default_factory=PoolConfig)
+    synth: SynthConfig = field(default_factory=SynthConfig)
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ExperimentConfig":
+        cfg = cls()
+        apply_overrides(cfg, flatten(d))
+        return cfg
+
+
+# --- presets -------------------------------------------------------------------------------------
+
+SCENARIOS: dict[str, dict[str, Any]] = {
+    "mr": {"pool.archs": ("conv4",)},
+}
+
+METHODS: dict[str, dict[str, Any]] = {
+    # Generator inversion per teacher (TGR's recovery, DeepInversion losses), per-teacher distillation
+    # gradients averaged by the MetaLearner, then MAML replay on the task memory bank.
+    "deepinv": {"synth.name": "deepinv"},
+    # PURER: one learnable synthetic dataset inverted from all teachers with the episode curriculum.
+    "purer": {"synth.name": "purer", "synth.per_class": 20, "train.kd_steps": 0},
+}
+
+PROFILES: dict[str, dict[str, Any]] = {
+    "smoke": {
+        "pool.num_per_arch": 4, "pool.epochs": 1,
+        "synth.steps": 8, "synth.per_class": 4, "synth.adv_start": 3, "synth.patience": 2,
+        "train.rounds": 4, "train.teachers_per_round": 2, "train.replay_batches": 2, "train.eval_every": 2,
+        "train.val_tasks": 10, "train.test_tasks": 20, "train.bank_per_class": 20,
+        "learner.inner_steps": 1, "learner.test_inner_steps": 2, "learner.meta_batch": 2,
+    },
+    "quick": {},
+    "paper": {
+        "pool.num_per_arch": 100, "pool.epochs": 60,
+        "synth.steps": 200, "synth.per_class": 30, "synth.adv_start": 4000,
+        "train.rounds": 1200, "train.replay_batches": 16, "train.eval_every": 20, "train.val_tasks": 600,
+        "train.test_tasks": 600, "learner.meta_batch": 4,
+    },
+}
+
+# Values for the smoke profile's tiny embedded dataset (so tests generate it in seconds).
+SMOKE_DATASET = {"data.dataset": "glyphs-smoke"}
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _coerce(value: Any, current: Any, key: str) -> Any:
+    if current is None or value is None:
+        return value
+    try:
+        if isinstance(current, bool):
+            if isinstance(value, str):
+                if value.lower() in ("1", "true", "yes", "on"):
+                    return True
+                if value.lower() in ("0", "false", "no", "off"):
+                    return False
+                raise ValueError(value)
+            return bool(value)
+        if isinstance(current, tuple):
+            items = value.split(",") if isinstance(value, str) else list(value)
+            kind = type(current[0]) if current else str
+            return tuple(kind(i.strip() if isinstance(i, str) else i) for i in items)
+        return type(current)(value)
+    except (TypeError, ValueError):
+        raise UserError(f"config {key}={value!r}: expected a {type(current).__name__}") from None
+
+
+def apply_overrides(cfg: ExperimentConfig, overrides: dict[str, Any]) -> ExperimentConfig:
+    for key, value in overrides.items():
+        obj: Any = cfg
+        parts = key.split(".")
+        for p in parts[:-1]:
+            if not dataclasses.is_dataclass(obj) or not hasattr(obj, p):
+                raise UserError(f"config key {key!r}: unknown section {p!r}")
+            obj = getattr(obj, p)
+        name = parts[-1]
+        if not dataclasses.is_dataclass(obj) or name not in {f.name for f in dataclasses.fields(obj)}:
+            raise UserError(f"config key {key!r}: unknown option")
+        setattr(obj, name, _coerce(value, getattr(obj, name), key))
+    return cfg
+
+
+def resolve(scenario: str = "mr", method: str = "deepinv", profile: str = "quick",
+            overrides: dict[str, Any] | None = None, seed: int = 0) -> ExperimentConfig:
+    """Build the config for ``scenario x method x profile`` and apply ``overrides`` last."""
+    if scenario not in SCENARIOS:
+        raise UserError(f"--scenario {scenario!r}: choose one of {', '.join(SCENARIOS)}")
+    if method not in METHODS:
+        raise UserError(f"--method {method!r}: choose one of {', '.join(METHODS)}")
+    if profile not in PROFILES:
+        raise UserError(f"--profile {profile!r}: choose one of {', '.join(PROFILES)}")
+    cfg = ExperimentConfig(scenario=scenario, method=method, profile=profile, seed=seed)
+    layers = [PROFILES[profile], SCENARIOS[scenario], METHODS[method]]
+    if profile == "smoke":
+        layers.insert(1, SMOKE_DATASET)
+    for layer in layers:
+        apply_overrides(cfg, layer)
+    apply_overrides(cfg, overrides or {})
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: ExperimentConfig) -> None:
+    t, lc = cfg.train, cfg.learner
+    for key, val in [("train.rounds", t.rounds), ("train.teachers_per_round", t.teachers_per_round),
+                     ("train.test_tasks", t.test_tasks), ("train.val_tasks", t.val_tasks),
+                     ("learner.meta_batch", lc.meta_batch), ("pool.num_per_arch", cfg.pool.num_per_arch)]:
+        if val < 1:
+            raise UserError(f"config {key}={val}: must be at least 1")
+    if cfg.runtime.workers < 0:
+        raise UserError(f"--workers {cfg.runtime.workers}: must be 0 (in-process) or more")

@@ -1,0 +1,80 @@
+"""Prototypical networks (Snell et al. 2017), as in PURER-Plus ``--teacherMethod protonet``.
+
+Embeddings are ``model.forward_features`` (the flattened input of the head; the head itself is
+unused). Class prototypes are the means of the support embeddings; logits are the negative squared
+Euclidean distances ``-||f(q) - p_c||^2`` (no temperature), trained with the task loss (CE, plus
+distillation when the task carries teacher logits for the query). There is no inner loop: ``adapt``
+is the identity and ``predict`` uses the support prototypes without fine-tuning.
+
+Support and query are embedded in separate forward passes, so BatchNorm normalises each with its own
+batch statistics (transductive, as the seeds).
+"""
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+from torch import Tensor, nn
+
+from .base import Learner, Params, Task, accuracy_of
+
+
+def prototypes(feats: Tensor, y: Tensor, way: int | None = None) -> Tensor:
+    """Per-class means of ``feats`` (``[n, d]``) for labels ``0..way-1``: ``[way, d]``."""
+    way = int(y.max()) + 1 if way is None else int(way)
+    sums = torch.zeros(way, feats.shape[1], dtype=feats.dtype, device=feats.device).index_add(0, y, feats)
+    counts = torch.bincount(y, minlength=way).clamp_min(1).to(feats.dtype)
+    return sums / counts[:, None]
+
+
+def proto_logits(query_feats: Tensor, protos: Tensor) -> Tensor:
+    """``-||q - p||^2`` for every (query, prototype) pair: ``[n_query, way]``.
+
+    Computed by broadcasting the difference (exact, and differentiable at zero distance, unlike
+    ``cdist``).
+    """
+    return -(query_feats[:, None, :] - protos[None, :, :]).pow(2).sum(-1)
+
+
+class ProtoNet(Learner):
+    """Prototypical network over ``model.forward_features``; see the module docstring."""
+
+    name = "protonet"
+    adapt_prefixes = ()
+
+    def __init__(self, model: nn.Module, **kwargs):
+        super().__init__(model, **kwargs)
+        if self._features_net is None:
+            raise TypeError(f"ProtoNet needs a model with forward_features; {type(model).__name__} has none")
+
+    def adapted_names(self, params: Mapping[str, Tensor]) -> list[str]:
+        return []
+
+    def adapt(self, params: Mapping[str, Tensor], x: Tensor, y: Tensor, t: Tensor | None = None,
+              steps: int | None = None, create_graph: bool = False) -> Params:
+        """No inner loop: the parameters are returned unchanged."""
+        return dict(params)
+
+    def logits(self, params: Mapping[str, Tensor], x_support: Tensor, y_support: Tensor,
+               x_query: Tensor, way: int | None = None) -> Tensor:
+        protos = prototypes(self.features(params, x_support), y_support, way)
+        return proto_logits(self.features(params, x_query), protos)
+
+    def meta_grads(self, params: Mapping[str, Tensor], task: Task) -> tuple[Params, dict]:
+        """Gradient of the prototype loss on the query for one task (mean over the meta-batch is the
+        caller's job). The head receives a zero gradient (unused)."""
+        leaves = self._leaves(params)
+        with torch.enable_grad():
+            logits = self.logits(leaves, task.x_support, task.y_support, task.x_query, task.way)
+            loss = self.task_loss_fn(logits, task.y_query, task.t_query)
+            names = list(leaves)
+            grads = torch.autograd.grad(loss, [leaves[n] for n in names], allow_unused=True)
+        out = {n: (torch.zeros_like(leaves[n]) if g is None else g.detach()) for n, g in zip(names, grads)}
+        return out, {"loss": float(loss.detach()), "acc": accuracy_of(logits.detach(), task.y_query)}
+
+    def predict(self, params: Mapping[str, Tensor], x_support: Tensor, y_support: Tensor,
+                x_query: Tensor, steps: int | None = None) -> Tensor:
+        """Query logits from the support prototypes (``steps`` is ignored: no fine-tuning)."""
+        with torch.no_grad():
+            base = {n: v.detach() for n, v in params.items()}
+            return self.logits(base, x_support, y_support, x_query)

@@ -1,0 +1,184 @@
+"""MetaLearner: owns the meta-model, its optimiser, the task memory bank and meta-validation.
+
+One instance per experiment, in-process or as a Ray actor. It aggregates the per-teacher gradients
+that TeacherPool actors computed at the broadcast state, replays tasks from the bank, and keeps the
+parameters that scored best on meta-val (model selection never looks at meta-test).
+"""
+from __future__ import annotations
+
+import copy
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..aggregation import aggregate
+from ..config import ExperimentConfig
+from ..data.augment import augment
+from ..data.layout import load_split
+from ..data.registry import get_spec
+from .bank import TaskMemoryBank
+from .parts import build_learner_for, build_meta_model, task_seed
+
+
+class MetaLearner:
+    def __init__(self, cfg: dict, pool_classes: list[int], device: str | None = None, load_val: bool = True):
+        from .cluster import worker_device
+
+        self.cfg = ExperimentConfig.from_dict(cfg)
+        self.device = torch.device(device) if device else worker_device(self.cfg.runtime.device)
+        torch.manual_seed(task_seed(self.cfg.seed, 1))
+        self.spec = get_spec(self.cfg.data.dataset)
+        self.model = build_meta_model(self.cfg).to(self.device)
+        self.learner = build_learner_for(self.cfg, self.model)
+        self.names = [n for n, _ in self.model.named_parameters()]
+        self.params = {n: p.detach().clone().requires_grad_(True) for n, p in self.model.named_parameters()}
+        self.opt = torch.optim.Adam(list(self.params.values()), lr=self.cfg.learner.outer_lr)
+        self.bank = TaskMemoryBank(self.cfg.train.bank_per_class)
+        self.rng = np.random.default_rng([self.cfg.seed, 23])
+        self.aug_gen = torch.Generator().manual_seed(task_seed(self.cfg.seed, 29))
+        self.meta_updates = 0
+        self.best_val = -1.0
+        self.best_round = -1
+        self.best_params = {n: p.detach().clone() for n, p in self.params.items()}
+        self.purer = None
+        if self.cfg.synth.name == "purer":
+            self.purer = self._build_purer(sorted(set(pool_classes)))
+        self.val_split = None
+        if load_val:
+            self.val_split = load_split(Path(self.cfg.data.data_root).resolve(), self.cfg.data.dataset, "meta_val",
+                                        image_size=self.cfg.data.image_size)
+
+    # --- helpers -----------------------------------------------------------------------------
+
+    def _normalize(self, x01: torch.Tensor) -> torch.Tensor:
+        mean = torch.tensor(self.spec.mean, device=x01.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.spec.std, device=x01.device).view(1, 3, 1, 1)
+        return (x01 - mean) / std
+
+    def _step(self, grads: dict[str, torch.Tensor]) -> None:
+        self.opt.zero_grad(set_to_none=True)
+        for n, p in self.params.items():
+            g = grads.get(n)
+            p.grad = None if g is None else g.detach().to(p.device)
+        self.opt.step()
+        self.meta_updates += 1
+
+    def flat_params(self) -> np.ndarray:
+        return torch.cat([self.params[n].detach().flatten() for n in self.names]).cpu().numpy()
+
+    def export_params(self, best: bool = True) -> dict[str, torch.Tensor]:
+        src = self.best_params if best else self.params
+        return {n: p.detach().cpu().clone() for n, p in src.items()}
+
+    # --- distillation gradients from the TeacherPool ------------------------------------------
+
+    def apply_teacher_grads(self, grads: list[np.ndarray], rule: str = "mean") -> dict:
+        from ..learners import unflatten
+
+        flat = aggregate(rule, [torch.from_numpy(np.asarray(g)) for g in grads])
+        self._step(unflatten(flat.to(self.device), self.params))
+        return {"kd/grad_norm": float(flat.norm())}
+
+    def add_recovered(self, items: list[dict]) -> None:
+        for it in items:
+            self.bank.add(torch.from_numpy(np.asarray(it["images"])), torch.from_numpy(np.asarray(it["labels"])),
+                          tuple(it["classes"]))
+
+    # --- replay: MAML-family meta-batches on tasks from the bank -------------------------------
+
+    def _sample_task(self):
+        from ..learners import Task
+
+        lc, t = self.cfg.learner, self.cfg.train
+        if self.purer is not None:
+            sampled = self.purer.sample_task(t.way, lc.train_shot, lc.train_query, self.aug_gen)
+        else:
+            sampled = self.bank.sample_task(t.way, lc.train_shot, lc.train_query, self.rng)
+        if sampled is None:
+            return None
+        x_s, y_s, x_q, y_q = (v.detach() if torch.is_tensor(v) else v for v in sampled[:4])
+        x_s = self._normalize(augment(x_s.float(), t.augment, self.aug_gen).to(self.device))
+        x_q = self._normalize(augment(x_q.float(), t.augment, self.aug_gen).to(self.device))
+        return Task(x_s, y_s.to(self.device), x_q, y_q.to(self.device))
+
+    def replay(self, batches: int) -> dict:
+        """``batches`` meta-updates, each the mean meta-gradient of ``meta_batch`` bank tasks."""
+        losses, accs = [], []
+        t0 = time.perf_counter()
+        for _ in range(batches):
+            total: dict[str, torch.Tensor] = {}
+            n = 0
+            for _ in range(self.cfg.learner.meta_batch):
+                task = self._sample_task()
+                if task is None:
+                    break
+                g, stats = self.learner.meta_grads(self.params, task)
+                for k, v in g.items():
+                    total[k] = total.get(k, 0) + v.detach()
+                losses.append(stats["loss"]); accs.append(stats["acc"])
+                n += 1
+            if n == 0:
+                break
+            self._step({k: v / n for k, v in total.items()})
+        return {"replay/loss": float(np.mean(losses)) if losses else float("nan"),
+                "replay/acc": float(np.mean(accs)) if accs else float("nan"),
+                "time/replay_s": time.perf_counter() - t0, "bank/images": len(self.bank),
+                "bank/classes": len(self.bank.classes)}
+
+    # --- PURER's shared synthetic dataset -----------------------------------------------------
+
+    def _build_purer(self, classes: list[int]):
+        """One learnable set of rows per global class the pool's teachers know."""
+        from ..synthesis.purer import PurerDataset
+        from .parts import image_size
+
+        sc = self.cfg.synth
+        return PurerDataset(classes=classes, per_class=sc.per_class, image_size=image_size(self.cfg),
+                            lr=sc.purer_lr, bn_weight=0.01, adv_start=sc.adv_start, patience=sc.patience,
+                            adv_scale=sc.adv_scale, seed=self.cfg.seed)
+
+    # --- meta-validation / model selection ----------------------------------------------------
+
+    def validate(self, round_idx: int, tasks: int | None = None) -> dict:
+        from ..evaluation import evaluate
+
+        t0 = time.perf_counter()
+        tr = self.cfg.train
+        res = evaluate(self.learner, {n: p.detach() for n, p in self.params.items()}, self.val_split,
+                       way=tr.way, shot=self.cfg.learner.train_shot, query=tr.query, tasks=tasks or tr.val_tasks,
+                       seed=self.cfg.seed + 1, device=self.device)
+        if res.accuracy > self.best_val:
+            self.best_val, self.best_round = res.accuracy, round_idx
+            self.best_params = {n: p.detach().clone() for n, p in self.params.items()}
+        return {"val/acc": res.accuracy, "val/ci95": res.ci95, "val/best": self.best_val,
+                "time/val_s": time.perf_counter() - t0}
+
+    # --- checkpointing ------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        state = {"params": self.export_params(best=False), "best_params": self.export_params(best=True),
+                 "opt": copy.deepcopy(self.opt.state_dict()), "bank": self.bank.state_dict(),
+                 "rng": self.rng.bit_generator.state, "aug_gen": self.aug_gen.get_state(),
+                 "torch_rng": torch.get_rng_state(), "meta_updates": self.meta_updates,
+                 "best_val": self.best_val, "best_round": self.best_round}
+        if self.purer is not None:
+            state["purer"] = self.purer.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        with torch.no_grad():
+            for n, p in self.params.items():
+                p.copy_(state["params"][n].to(p.device))
+        self.best_params = {n: v.to(self.device) for n, v in state["best_params"].items()}
+        self.opt.load_state_dict(state["opt"])
+        self.bank.load_state_dict(state["bank"])
+        self.rng.bit_generator.state = state["rng"]
+        self.aug_gen.set_state(state["aug_gen"])
+        torch.set_rng_state(state["torch_rng"])
+        self.meta_updates = int(state["meta_updates"])
+        self.best_val, self.best_round = float(state["best_val"]), int(state["best_round"])
+        if self.purer is not None and "purer" in state:
+            self.purer.load_state_dict(state["purer"])

@@ -1,0 +1,48 @@
+"""Building the method's parts from a config: meta-model + learner, synthesizer.
+
+The one place where names in the config become objects, shared by the TeacherPool and the
+MetaLearner so both sides build identical meta-models.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..config import ExperimentConfig
+from ..data.registry import get_spec
+from ..models import build_model
+
+
+def image_size(cfg: ExperimentConfig) -> int:
+    return cfg.data.image_size or get_spec(cfg.data.dataset).image_size
+
+
+def build_meta_model(cfg: ExperimentConfig) -> torch.nn.Module:
+    lc = cfg.learner
+    return build_model(lc.arch, num_classes=cfg.train.way, image_size=image_size(cfg), width=lc.width,
+                       track_bn_stats=False, adaptive_pool=lc.adaptive_pool)
+
+
+def build_learner_for(cfg: ExperimentConfig, model: torch.nn.Module):
+    from ..learners import build_learner
+
+    lc = cfg.learner
+    return build_learner(lc.name, model, inner_lr=lc.inner_lr, inner_steps=lc.inner_steps,
+                         test_inner_steps=lc.test_inner_steps, first_order=lc.first_order,
+                         kd_weight=lc.kd_weight, ce_weight=lc.ce_weight, temperature=lc.temperature)
+
+
+def build_synthesizer(cfg: ExperimentConfig):
+    sc = cfg.synth
+    if sc.name == "deepinv":
+        from ..synthesis.deepinv import GeneratorInversion
+
+        return GeneratorInversion(image_size=image_size(cfg), per_class=sc.per_class, steps=sc.steps,
+                                  lr_generator=sc.lr_generator, lr_latent=sc.lr_latent, bn_weight=sc.bn_weight,
+                                  ce_weight=sc.ce_weight, augment=sc.augment)
+    return None   # PURER's dataset lives in the MetaLearner; teacher-side it needs no object
+
+
+def task_seed(*keys: int) -> int:
+    """A 63-bit seed from integer keys (experiment seed, round, teacher, ...), stable across processes."""
+    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(2, dtype=np.uint64)[0] >> 1)

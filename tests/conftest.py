@@ -1,0 +1,31 @@
+"""Shared fixtures: one Ray instance per test session and a small embedded glyph dataset."""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray with a *logical* GPU, so GPU-fraction scheduling is exercised on CPU machines."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def glyph_root(tmp_path_factory):
+    """A small glyph dataset (20 classes split 10/5/5, 30 images each) under a session temp root."""
+    from raydfml.data.glyphs import generate_glyphs
+
+    root = tmp_path_factory.mktemp("data")
+    generate_glyphs(root, name="glyphs", seed=0, classes=20, images_per_class=30, split=(10, 5, 5), progress=False)
+    return root

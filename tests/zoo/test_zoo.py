@@ -1,0 +1,88 @@
+import subprocess
+import sys
+import time
+
+import pandas as pd
+import pytest
+import torch
+
+from raydfml.errors import UserError
+from raydfml.zoo import ZooConfig, build_zoo, load_teacher, plan_classes, read_manifest
+from raydfml.zoo.manifest import COLUMNS
+
+
+def test_plans_are_sorted_and_deterministic():
+    cfg = ZooConfig(num=4, way=5, policy="random", seed=3)
+    plans = plan_classes(cfg, 20)
+    assert plans == plan_classes(cfg, 20)
+    assert all(list(p) == sorted(p) and len(set(p)) == 5 for p in plans)
+    assert plan_classes(ZooConfig(num=4, way=5, policy="random", seed=4), 20) != plans
+    disjoint = plan_classes(ZooConfig(num=4, way=5, policy="disjoint"), 20)
+    assert disjoint == [tuple(range(5 * k, 5 * k + 5)) for k in range(4)]
+    with pytest.raises(UserError, match="disjoint"):
+        plan_classes(ZooConfig(num=5, way=5, policy="disjoint"), 20)
+
+
+@pytest.fixture(scope="module")
+def zoo(glyph_root, ray_session, tmp_path_factory):
+    zoo_dir = tmp_path_factory.mktemp("zoo")
+    cfg = ZooConfig(dataset="glyphs", arch="conv4", num=3, way=5, policy="random", epochs=12, batch_size=16)
+    records = build_zoo(cfg, zoo_dir, glyph_root, workers=2, progress=False)
+    return cfg, zoo_dir, records
+
+
+def test_zoo_builds_on_ray_and_writes_manifest(zoo):
+    cfg, zoo_dir, records = zoo
+    df = pd.read_csv(zoo_dir / "manifest.csv")
+    assert list(df.columns) == COLUMNS and len(df) == 3
+    assert {"teacher_id", "dataset", "arch", "classes", "heldout_acc", "sha256"} <= set(df.columns)
+    # 6 images held out per class, 30 per teacher: well-trained teachers separate 5 glyph classes
+    assert all(r.heldout_acc >= 0.6 for r in records), [r.heldout_acc for r in records]
+    t = load_teacher(zoo_dir, records[0])
+    assert not t.training and all(not p.requires_grad for p in t.parameters())
+
+
+def test_rebuild_is_a_noop(zoo, glyph_root):
+    cfg, zoo_dir, records = zoo
+    mtimes = {p.name: p.stat().st_mtime_ns for p in zoo_dir.glob("teacher_*.pt")}
+    t0 = time.time()
+    again = build_zoo(cfg, zoo_dir, glyph_root, workers=2, progress=False)
+    assert again == records
+    assert {p.name: p.stat().st_mtime_ns for p in zoo_dir.glob("teacher_*.pt")} == mtimes
+    assert time.time() - t0 < 10
+
+
+def test_checksum_mismatch_is_refused(zoo, tmp_path):
+    cfg, zoo_dir, records = zoo
+    import shutil
+
+    copy = tmp_path / "zoo"
+    shutil.copytree(zoo_dir, copy)
+    with open(copy / records[1].file, "ab") as f:
+        f.write(b"tampered")
+    with pytest.raises(UserError, match="sha256"):
+        load_teacher(copy, read_manifest(copy)[1])
+
+
+def test_file_of_another_architecture_is_refused(zoo, tmp_path):
+    cfg, zoo_dir, records = zoo
+    import dataclasses
+
+    from raydfml.models import build_model
+    from raydfml.utils import sha256_file
+
+    path = tmp_path / "resnet.pt"
+    torch.save(build_model("resnet10", width=0.125).state_dict(), path)
+    rec = dataclasses.replace(records[0], file=str(path), sha256=sha256_file(path))
+    with pytest.raises(UserError, match="architecture 'conv4'"):
+        load_teacher(tmp_path, rec)
+
+
+def test_cli_rejects_unknown_names_in_one_line(tmp_path):
+    for args, needle in [(["--arch", "vgg"], "vgg"), (["--dataset", "imagenet22k"], "imagenet22k")]:
+        proc = subprocess.run([sys.executable, "-m", "raydfml.zoo", *args, "--zoo-dir", str(tmp_path / "z"),
+                               "--data-root", str(tmp_path)], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0]
+        assert not (tmp_path / "z" / "manifest.csv").exists()
