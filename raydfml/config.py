@@ -98,7 +98,7 @@ class RuntimeConfig:
     workers: int = 2                    # TeacherPool actors; 0 = everything in-process
     device: str = "auto"
     address: str | None = None          # Ray address; None starts a local instance
-    actor_cpus: float = 1.0
+    actor_cpus: float | None = None     # None: the cluster's CPUs shared among the actors (<= 1 each)
     actor_gpus: float | None = None      # None: share the cluster's GPUs among the actors
 
 

@@ -79,7 +79,7 @@ def summarize(per_task: Sequence[float] | np.ndarray) -> tuple[float, float]:
 
 def task_seed(seed: int, index: int) -> int:
     """The torch seed set before task ``index`` of an evaluation with ``seed``."""
-    return int(seed) * TASK_SEED_STRIDE + int(index)
+    return (int(seed) * TASK_SEED_STRIDE + int(index)) % (2 ** 63)  # torch seeds are signed 64-bit
 
 
 def _seed_task(s: int, device: torch.device) -> None:

@@ -455,7 +455,7 @@ def read_marker(dataset_dir: str | os.PathLike) -> dict | None:
 
 
 def _matches(marker: dict | None, params: dict) -> bool:
-    return marker is not None and all(marker.get(k) == v for k, v in params.items())
+    return isinstance(marker, dict) and all(marker.get(k) == v for k, v in params.items())
 
 
 def _validate(name: str, seed: int, classes: int, images_per_class: int,
@@ -514,7 +514,7 @@ def _check_replaceable(target: Path, params: dict, force: bool) -> None:
     if not target.is_dir() or not _looks_like_glyphs(target):
         raise UserError(f"{target} exists and is not a glyph dataset; remove it or pick another --name")
     marker = read_marker(target)
-    if marker is not None and not force:
+    if isinstance(marker, dict) and not force:
         differing = {k: marker.get(k) for k, v in params.items() if marker.get(k) != v}
         raise UserError(f"{target} already holds a glyph dataset generated with {differing}; "
                         f"pass --force to replace it, or pick another --name")
@@ -603,7 +603,7 @@ def _write_marker(dataset_dir: Path, params: dict, fonts: Iterable[str]) -> None
     marker = {**params, "image_size": IMAGE_SIZE, "fonts": [Path(f).name for f in fonts],
               "class_selection": "evenly spaced over the domain's sorted, deduplicated inventory",
               "rendered_with": {"pillow": PIL.__version__, "freetype": features.version("freetype2"),
-                                "matplotlib": matplotlib.__version__}}
+                                "matplotlib": matplotlib.__version__, "unicode": unicodedata.unidata_version}}
     with atomic_path(dataset_dir / MARKER) as tmp:
         tmp.write_text(json.dumps(marker, indent=2, ensure_ascii=False) + "\n")
 

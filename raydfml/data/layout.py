@@ -128,6 +128,10 @@ def _layout_hint(name: str, ddir: Path) -> str:
     return f"{ddir}/meta_train/<class>/<image> (likewise meta_val, meta_test)"
 
 
+# Small embedded sets for tests and the smoke profile: generated in seconds, same code path.
+SMALL_GLYPH_SETS = {"glyphs-smoke": {"classes": 20, "images_per_class": 30, "split": (10, 5, 5)}}
+
+
 def ensure_dataset(root: str | os.PathLike, name: str) -> Path:
     """Return the dataset directory, generating the embedded glyph sets when absent.
 
@@ -142,7 +146,9 @@ def ensure_dataset(root: str | os.PathLike, name: str) -> Path:
             from . import glyphs  # lazy: rendering pulls in matplotlib's font machinery
 
             kwargs: dict = {"name": spec.name}
-            if spec.name.startswith("glyphs-"):
+            if spec.name in SMALL_GLYPH_SETS:
+                kwargs.update(SMALL_GLYPH_SETS[spec.name])
+            elif spec.name.startswith("glyphs-"):
                 # A domain (one script, say) may hold fewer glyphs than the default 100 classes.
                 domain = spec.name.split("-", 1)[1]
                 kwargs["domain"] = domain

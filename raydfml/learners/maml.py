@@ -44,12 +44,13 @@ class MAML(Learner):
         averages over the meta-batch (mean) and steps its optimiser.
         """
         leaves = self._leaves(params)
-        fast = self.adapt(leaves, task.x_support, task.y_support, task.t_support,
-                          create_graph=not self.first_order)
-        logits = self.forward(fast, task.x_query)
-        loss = self.task_loss_fn(logits, task.y_query, task.t_query)
-        names = list(leaves)
-        grads = torch.autograd.grad(loss, [leaves[n] for n in names], allow_unused=True)
+        with torch.enable_grad():
+            fast = self.adapt(leaves, task.x_support, task.y_support, task.t_support,
+                              create_graph=not self.first_order)
+            logits = self.forward(fast, task.x_query)
+            loss = self.task_loss_fn(logits, task.y_query, task.t_query)
+            names = list(leaves)
+            grads = torch.autograd.grad(loss, [leaves[n] for n in names], allow_unused=True)
         out = {n: (torch.zeros_like(leaves[n]) if g is None else g.detach()) for n, g in zip(names, grads)}
         return out, {"loss": float(loss.detach()), "acc": accuracy_of(logits.detach(), task.y_query)}
 

@@ -1,6 +1,7 @@
 """Starting or joining Ray, and the resources our actors and tasks ask for."""
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -42,6 +43,18 @@ def gpu_fraction(workers: int) -> float:
     if gpus <= 0 or workers <= 0:
         return 0.0
     return round(min(1.0, gpus / workers), 4)
+
+
+def actor_cpu_share(actors: int) -> float:
+    """CPU request per actor so that ``actors`` of them fit at once (at most 1 each).
+
+    The TeacherPool actors and the MetaLearner take turns within a round (synthesis, then replay),
+    so sharing the cores logically keeps every core busy without leaving an actor unscheduled.
+    """
+    import ray
+
+    cpus = float(ray.available_resources().get("CPU", 1.0)) if ray.is_initialized() else 1.0
+    return max(0.01, math.floor(min(1.0, cpus / max(1, actors)) * 100) / 100)  # floor: shares must fit
 
 
 def worker_device(prefer: str = "auto"):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 
 from ..config import ExperimentConfig
+from ..errors import UserError
 from .meta_learner import MetaLearner
 from .pool import PoolEntry
 from .teacher_pool import TeacherPool
@@ -55,21 +56,33 @@ class RayExecutor:
     def __init__(self, cfg: ExperimentConfig, entries: list[PoolEntry], pool_classes: list[int]):
         import ray
 
-        from .cluster import ensure_ray, gpu_fraction
+        from .cluster import actor_cpu_share, ensure_ray, gpu_fraction
 
         ensure_ray(address=cfg.runtime.address)
         self.ray = ray
         self.cfg = cfg
         self.entries = entries
         rt = cfg.runtime
-        gpus = rt.actor_gpus if rt.actor_gpus is not None else gpu_fraction(rt.workers + 1)
-        self._pool_opts = dict(num_cpus=rt.actor_cpus, num_gpus=gpus, max_restarts=0)
+        n_actors = max(1, rt.workers) + 1          # the TeacherPool actors and the MetaLearner
+        gpus = rt.actor_gpus if rt.actor_gpus is not None else gpu_fraction(n_actors)
+        cpus = rt.actor_cpus if rt.actor_cpus is not None else actor_cpu_share(n_actors)
+        self._pool_opts = dict(num_cpus=cpus, num_gpus=gpus, max_restarts=0)
         self._pool_cls = ray.remote(TeacherPool)
-        meta_cls = ray.remote(MetaLearner)
-        # The MetaLearner mostly waits while the pool works, so it asks for a small CPU share.
-        self.meta = meta_cls.options(num_cpus=min(1.0, rt.actor_cpus), num_gpus=gpus).remote(cfg.to_dict(), pool_classes)
+        self.meta = ray.remote(MetaLearner).options(num_cpus=cpus, num_gpus=gpus).remote(cfg.to_dict(), pool_classes)
         self.pools = [self._new_pool() for _ in range(max(1, rt.workers))]
         self.replaced = 0
+        self._wait_until_scheduled([self.meta, *self.pools])
+
+    def _wait_until_scheduled(self, actors, timeout_s: float = 120.0) -> None:
+        """Fail with a clear message instead of hanging when the cluster cannot place the actors."""
+        refs = [a.ping.remote() for a in actors]
+        ready, _ = self.ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+        if len(ready) < len(refs):
+            res = self.ray.cluster_resources()
+            raise UserError(f"--workers {self.cfg.runtime.workers}: only {len(ready)} of {len(refs)} actors could be "
+                            f"scheduled within {timeout_s:.0f}s on a cluster with {res.get('CPU', 0):g} CPUs and "
+                            f"{res.get('GPU', 0):g} GPUs; lower --workers or runtime.actor_cpus")
+        self.ray.get(ready)
 
     def _new_pool(self):
         return self._pool_cls.options(**self._pool_opts).remote(self.cfg.to_dict(), self.entries)

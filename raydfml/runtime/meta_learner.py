@@ -53,6 +53,9 @@ class MetaLearner:
 
     # --- helpers -----------------------------------------------------------------------------
 
+    def ping(self) -> bool:
+        return True
+
     def _normalize(self, x01: torch.Tensor) -> torch.Tensor:
         mean = torch.tensor(self.spec.mean, device=x01.device).view(1, 3, 1, 1)
         std = torch.tensor(self.spec.std, device=x01.device).view(1, 3, 1, 1)

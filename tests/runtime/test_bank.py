@@ -1,0 +1,52 @@
+import numpy as np
+import torch
+
+from raydfml.runtime.bank import TaskMemoryBank
+
+
+def _images(n, value):
+    return torch.full((n, 3, 4, 4), float(value))
+
+
+def test_add_maps_relative_labels_to_global_classes():
+    bank = TaskMemoryBank(per_class=10)
+    labels = torch.tensor([0, 0, 1, 1, 1])
+    images = torch.cat([_images(2, 0.1), _images(3, 0.9)])
+    bank.add(images, labels, classes=(40, 7))
+    assert bank.classes == [7, 40]
+    assert bank.count(40) == 2 and bank.count(7) == 3
+    assert torch.allclose(bank.state_dict()["rings"][7].float(), torch.tensor(0.9, dtype=torch.float16).float())
+
+
+def test_ring_keeps_the_newest_images():
+    bank = TaskMemoryBank(per_class=4)
+    for v in range(6):
+        bank.add(_images(1, v / 10), torch.tensor([0]), classes=(3,))
+    kept = sorted(round(float(x), 1) for x in bank.state_dict()["rings"][3][:, 0, 0, 0])
+    assert kept == [0.2, 0.3, 0.4, 0.5]
+
+
+def test_tasks_cross_teachers_with_relative_labels_and_disjoint_support_query():
+    bank = TaskMemoryBank(per_class=50)
+    for t in range(3):   # three teachers, two classes each
+        imgs = torch.rand(40, 3, 4, 4)
+        bank.add(imgs, torch.arange(2).repeat_interleave(20), classes=(2 * t, 2 * t + 1))
+    rng = np.random.default_rng(0)
+    x_s, y_s, x_q, y_q, classes = bank.sample_task(way=5, shot=2, query=3, rng=rng)
+    assert x_s.shape == (10, 3, 4, 4) and x_q.shape == (15, 3, 4, 4)
+    assert y_s.tolist() == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]
+    assert len(set(classes)) == 5 and set(classes) <= set(range(6))
+    flat_s = {tuple(x.flatten().tolist()) for x in x_s}
+    assert not flat_s & {tuple(x.flatten().tolist()) for x in x_q}
+
+
+def test_too_few_classes_gives_none_and_state_round_trips():
+    bank = TaskMemoryBank(per_class=5)
+    bank.add(torch.rand(6, 3, 4, 4), torch.tensor([0, 0, 0, 1, 1, 1]), classes=(1, 2))
+    assert bank.sample_task(5, 1, 1, np.random.default_rng(0)) is None
+    other = TaskMemoryBank()
+    other.load_state_dict(bank.state_dict())
+    assert other.classes == bank.classes and other.per_class == 5
+    a = bank.sample_task(2, 1, 1, np.random.default_rng(1))
+    b = other.sample_task(2, 1, 1, np.random.default_rng(1))
+    assert torch.equal(a[0], b[0]) and a[4] == b[4]
