@@ -49,6 +49,8 @@ class SynthConfig:
     bn_weight: float = 1.0
     ce_weight: float = 1.0
     augment: str = "crop_flip"          # augmentation applied inside the inversion loop
+    nz: int = 256                       # generator latent size (the seeds' value)
+    ngf: int = 64                       # generator width; its convs dominate CPU cost (~ngf^2)
     # PURER's learnable dataset and episode curriculum
     purer_lr: float = 0.25
     adv_start: int = 4000
@@ -143,10 +145,11 @@ METHODS: dict[str, dict[str, Any]] = {
 PROFILES: dict[str, dict[str, Any]] = {
     "smoke": {
         "pool.num_per_arch": 4, "pool.epochs": 1,
-        "synth.steps": 8, "synth.per_class": 4, "synth.adv_start": 3, "synth.patience": 2,
+        "synth.steps": 5, "synth.per_class": 4, "synth.ngf": 8, "synth.adv_start": 2, "synth.patience": 2,
         "train.rounds": 4, "train.teachers_per_round": 2, "train.replay_batches": 2, "train.eval_every": 2,
-        "train.val_tasks": 10, "train.test_tasks": 20, "train.bank_per_class": 20,
+        "train.val_tasks": 5, "train.test_tasks": 10, "train.bank_per_class": 20,
         "learner.inner_steps": 1, "learner.test_inner_steps": 2, "learner.meta_batch": 2,
+        "learner.train_shot": 1, "learner.train_query": 3,
     },
     "quick": {},
     "paper": {
@@ -235,5 +238,16 @@ def validate(cfg: ExperimentConfig) -> None:
                      ("learner.meta_batch", lc.meta_batch), ("pool.num_per_arch", cfg.pool.num_per_arch)]:
         if val < 1:
             raise UserError(f"config {key}={val}: must be at least 1")
+    from .data.registry import get_spec
+    from .models import ARCHS
+
+    get_spec(cfg.data.dataset)
+    for arch in (*cfg.pool.archs, lc.arch):
+        if arch not in ARCHS:
+            raise UserError(f"config architecture {arch!r}: choose one of {', '.join(ARCHS)}")
+    if lc.name not in ("maml", "anil", "protonet", "reptile"):
+        raise UserError(f"config learner.name={lc.name!r}: choose maml, anil, protonet or reptile")
+    if cfg.synth.name not in ("deepinv", "purer"):
+        raise UserError(f"config synth.name={cfg.synth.name!r}: choose deepinv or purer")
     if cfg.runtime.workers < 0:
         raise UserError(f"--workers {cfg.runtime.workers}: must be 0 (in-process) or more")

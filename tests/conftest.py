@@ -8,6 +8,11 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TQDM_DISABLE", "1")
 
 import pytest
+import torch
+
+# Tests check behaviour, not speed: one thread avoids oversubscribing small CI machines, where
+# torch's thread pools spinning against Ray workers can slow small convolutions tenfold.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

@@ -43,19 +43,37 @@ def _load_checkpoint(run_dir: Path) -> dict:
         raise UserError(f"{path}: cannot read checkpoint ({type(exc).__name__}); start without --resume") from None
 
 
+def purer_loss_cfg(cfg: ExperimentConfig) -> dict:
+    """PURER's per-teacher loss weights (the seeds' values; TV/L2 fixed, BN-stats weight 0.01)."""
+    return {"bn_weight": 0.01, "tv_weight": 1e-4, "l2_weight": 1e-5, "augment": "shift"}
+
+
 def _shares(tids: list[int], n: int) -> list[list[int]]:
     shares = [tids[i::n] for i in range(n)]
     return [s for s in shares if s]
 
 
 def train(cfg: ExperimentConfig, run_dir: Path, report, resume: bool = False, progress: bool = True,
-          executor=None, entries=None) -> dict:
-    """The round loop. Returns the trained parameters (best on meta-val) and training statistics."""
+          executor=None, entries=None, on_round_end=None) -> dict:
+    """The round loop. Returns the trained parameters (best on meta-val) and training statistics.
+
+    ``on_round_end(round, metrics, executor)`` is called after each round's checkpoint (Tune reports
+    from it; tests use it to inject faults).
+    """
     from .executor import InProcessExecutor, RayExecutor
 
     pool_classes = sorted({c for e in entries for c in e.record.classes})
-    if executor is None:
+    owned = executor is None
+    if owned:
         executor = (RayExecutor if cfg.runtime.workers > 0 else InProcessExecutor)(cfg, entries, pool_classes)
+    try:
+        return _round_loop(cfg, run_dir, report, resume, progress, executor, entries, on_round_end)
+    finally:
+        if owned:
+            executor.shutdown()   # free the actors' resources for the evaluation tasks
+
+
+def _round_loop(cfg, run_dir, report, resume, progress, executor, entries, on_round_end) -> dict:
     ex, ml = executor, executor.meta
     start = 0
     if resume:
@@ -63,6 +81,7 @@ def train(cfg: ExperimentConfig, run_dir: Path, report, resume: bool = False, pr
         ex.get(ex.call(ml, "load_state_dict", ck["meta"]))
         start = int(ck["round"]) + 1
         report.truncate(after_round=int(ck["round"]))
+        print(f"resuming from the checkpoint of round {ck['round']}: continuing at round {start}", flush=True)
     tr = cfg.train
     bar = tqdm(range(start, tr.rounds), initial=start, total=tr.rounds, desc=f"{cfg.method} rounds",
                unit="round", disable=not progress)
@@ -73,7 +92,7 @@ def train(cfg: ExperimentConfig, run_dir: Path, report, resume: bool = False, pr
         shares = _shares(tids, ex.num_pools)
         metrics: dict[str, float] = {}
         if cfg.synth.name == "purer":
-            metrics.update(_purer_round(ex, ml, r, shares))
+            metrics.update(_purer_round(ex, ml, r, shares, entries, purer_loss_cfg(cfg)))
         else:
             theta = ex.call(ml, "flat_params") if tr.kd_steps > 0 else None
             t0 = time.perf_counter()
@@ -101,6 +120,8 @@ def train(cfg: ExperimentConfig, run_dir: Path, report, resume: bool = False, pr
             report.log_round(r, metrics)
         if (r + 1) % tr.checkpoint_every == 0 or r == tr.rounds - 1:
             _save_checkpoint(run_dir, r, ex.get(ex.call(ml, "state_dict")))
+        if on_round_end is not None:
+            on_round_end(r, metrics, ex)
         if last_val is not None:
             bar.set_postfix(val_acc=f"{last_val:.1f}")
     bar.close()
@@ -109,13 +130,16 @@ def train(cfg: ExperimentConfig, run_dir: Path, report, resume: bool = False, pr
             "best_val": state["best_val"], "best_round": state["best_round"], "actors_replaced": ex.replaced}
 
 
-def _purer_round(ex, ml, r: int, shares: list[list[int]]) -> dict:
+def _purer_round(ex, ml, r: int, shares: list[list[int]], entries, loss_cfg: dict) -> dict:
     t0 = time.perf_counter()
-    rows = ex.get(ex.call(ml, "purer_rows", [t for s in shares for t in s]))
-    parts = ex.map_pool("purer_grads", r, [{t: rows[t] for t in s} for s in shares])
+    rows = ex.get(ex.call(ml, "purer_rows", {t: entries[t].record.classes for s in shares for t in s}))
+    parts = ex.map_pool("purer_grads", r, [{t: rows[t] for t in s} for s in shares], loss_cfg)
     grads = {t: g for part in parts for t, g in part.items()}
     out = ex.get(ex.call(ml, "purer_step", r, grads))
     out["time/synthesis_s"] = time.perf_counter() - t0
+    for t in grads:
+        key = f"teachers/{entries[t].record.arch}"
+        out[key] = out.get(key, 0.0) + 1.0
     return out
 
 
@@ -129,6 +153,8 @@ def run_experiment(cfg: ExperimentConfig, resume: bool = False, progress: bool =
     run_dir = Path(cfg.out).resolve() if cfg.out else default_run_dir(cfg).resolve()
     if not resume and (run_dir / "results.json").exists():
         raise UserError(f"--out {run_dir}: a finished run is already there; choose another --out or delete it")
+    if resume and not (run_dir / CHECKPOINT).is_file():
+        raise UserError(f"--resume: no checkpoint at {run_dir / CHECKPOINT}")
     data_root = Path(cfg.data.data_root).resolve()
     ensure_dataset(data_root, cfg.data.dataset)
     if cfg.runtime.workers > 0:

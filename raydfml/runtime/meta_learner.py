@@ -44,6 +44,7 @@ class MetaLearner:
         self.best_round = -1
         self.best_params = {n: p.detach().clone() for n, p in self.params.items()}
         self.purer = None
+        self._adv_next, self._round = False, -1       # PURER's curriculum: harden the next round?
         if self.cfg.synth.name == "purer":
             self.purer = self._build_purer(sorted(set(pool_classes)))
         self.val_split = None
@@ -126,12 +127,46 @@ class MetaLearner:
             if n == 0:
                 break
             self._step({k: v / n for k, v in total.items()})
+        if self.purer is not None and accs:
+            # The curriculum watches the pseudo-task training accuracy (the seeds' switch rule).
+            self._adv_next = self.purer.curriculum(self._round, float(np.mean(accs)))
         return {"replay/loss": float(np.mean(losses)) if losses else float("nan"),
                 "replay/acc": float(np.mean(accs)) if accs else float("nan"),
                 "time/replay_s": time.perf_counter() - t0, "bank/images": len(self.bank),
                 "bank/classes": len(self.bank.classes)}
 
     # --- PURER's shared synthetic dataset -----------------------------------------------------
+
+    def purer_rows(self, teacher_classes: dict[int, tuple[int, ...]]) -> dict[int, np.ndarray]:
+        """The current images of each teacher's classes (what its TeacherPool actor inverts against)."""
+        return {t: self.purer.rows_for(c).numpy() for t, c in teacher_classes.items()}
+
+    def purer_step(self, round_idx: int, grads: dict[int, dict]) -> dict:
+        """One Adam step of the synthetic dataset from the teachers' row gradients, plus the
+        adversarial hardening term when the episode curriculum switched it on."""
+        pairs = [(g["classes"], torch.from_numpy(np.asarray(g["grad"]))) for g in grads.values()]
+        adversarial = self._adv_next
+        stats = self.purer.step(pairs, self._adversarial_loss if adversarial else None)
+        self._adv_next, self._round = False, round_idx
+        out = {"synth/inv_loss": float(np.mean([g["loss"] for g in grads.values()])),
+               "synth/teacher_acc": float(np.mean([g["acc"] for g in grads.values()])),
+               "purer/adversarial": float(adversarial), "purer/grad_norm": stats["grad_norm"]}
+        if stats["adv_loss"] is not None:
+            out["purer/adv_loss"] = stats["adv_loss"]
+        return out
+
+    def _adversarial_loss(self, images: torch.Tensor) -> torch.Tensor:
+        """Minus the meta-model's outer query loss on a task drawn from the (non-detached) images:
+        maximising it makes the synthetic tasks harder for the current meta-model (PURER's ECI)."""
+        import torch.nn.functional as F
+
+        lc, t = self.cfg.learner, self.cfg.train
+        x_s, y_s, x_q, y_q, _ = self.purer.sample_task(t.way, lc.train_shot, lc.train_query, self.aug_gen, images=images)
+        x_s = self._normalize(augment(x_s, t.augment, self.aug_gen))
+        x_q = self._normalize(augment(x_q, t.augment, self.aug_gen))
+        params = {n: p.detach() for n, p in self.params.items()}
+        fast = self.learner.adapt(params, x_s, y_s, create_graph=True)
+        return -F.cross_entropy(self.learner.forward(fast, x_q), y_q)
 
     def _build_purer(self, classes: list[int]):
         """One learnable set of rows per global class the pool's teachers know."""
@@ -169,6 +204,7 @@ class MetaLearner:
                  "best_val": self.best_val, "best_round": self.best_round}
         if self.purer is not None:
             state["purer"] = self.purer.state_dict()
+            state["purer_adv_next"] = self._adv_next
         return state
 
     def load_state_dict(self, state: dict) -> None:
@@ -185,3 +221,4 @@ class MetaLearner:
         self.best_val, self.best_round = float(state["best_val"]), int(state["best_round"])
         if self.purer is not None and "purer" in state:
             self.purer.load_state_dict(state["purer"])
+            self._adv_next = bool(state["purer_adv_next"])

@@ -39,7 +39,7 @@ def build_synthesizer(cfg: ExperimentConfig):
 
         return GeneratorInversion(image_size=image_size(cfg), per_class=sc.per_class, steps=sc.steps,
                                   lr_generator=sc.lr_generator, lr_latent=sc.lr_latent, bn_weight=sc.bn_weight,
-                                  ce_weight=sc.ce_weight, augment=sc.augment)
+                                  ce_weight=sc.ce_weight, augment=sc.augment, nz=sc.nz, ngf=sc.ngf)
     return None   # PURER's dataset lives in the MetaLearner; teacher-side it needs no object
 
 

@@ -103,14 +103,15 @@ class TeacherPool:
 
     # --- PURER: gradients of the per-teacher inversion loss w.r.t. the shared synthetic rows ------
 
-    def purer_grads(self, round_idx: int, rows: dict[int, np.ndarray], purer_cfg: dict) -> dict[int, tuple[float, np.ndarray]]:
-        from ..synthesis.purer import teacher_loss_and_grad
+    def purer_grads(self, round_idx: int, rows: dict[int, np.ndarray], loss_cfg: dict) -> dict[int, dict]:
+        from ..synthesis.purer import purer_teacher_loss
 
         out = {}
         for tid, x in rows.items():
-            seed = task_seed(self.cfg.seed, round_idx, tid, 1)
-            loss, grad = teacher_loss_and_grad(self.teacher(tid), self.entries[tid].record.classes,
-                                               torch.from_numpy(np.asarray(x).copy()).to(self.device),
-                                               self.spec.mean, self.spec.std, seed=seed, **purer_cfg)
-            out[tid] = (float(loss), grad.detach().cpu().numpy())
+            classes = self.entries[tid].record.classes
+            rec = purer_teacher_loss(self.teacher(tid), classes, torch.from_numpy(np.asarray(x).copy()).to(self.device),
+                                     self.spec.mean, self.spec.std, seed=task_seed(self.cfg.seed, round_idx, tid, 1),
+                                     **loss_cfg)
+            out[tid] = {"classes": classes, "loss": rec.loss, "acc": rec.teacher_acc,
+                        "grad": rec.state_grad["rows"].detach().cpu().numpy()}
         return out

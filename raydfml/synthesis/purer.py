@@ -80,6 +80,11 @@ class PurerDataset:
     Hyperparameters are the seeds' (data Adam lr 0.25, BN 0.01, TV 1e-4, L2 1e-5, hardening from
     meta-iteration 4000 with patience 6 and scale 10). Pixels are ``sigmoid`` of an unconstrained
     tensor initialised ``randn`` from ``seed`` (the seeds: ``randn`` in normalised space, unclamped).
+
+    lr 0.25 carries over to the logit parametrisation: on a glyph conv4 teacher (100 rows, one CPU
+    thread, ~0.35-0.4 s per step) the teacher's accuracy on its rows after 1/5/10/20 steps was
+    0.44 / 0.96 / 1.00 / 1.00 with ``shift`` (0.33 / 0.55 / 0.85 / 1.00 with ``colour``); lr 0.05 was
+    slower (0.60 at 5 steps), lr 1.0 no faster and its loss stalled around 3 (vs 0.4 at 0.25).
     """
 
     def __init__(self, classes: Sequence[int], per_class: int, image_size: int, lr: float = 0.25,

@@ -1,7 +1,7 @@
 """A tiny conv4 teacher with meaningful BN statistics, trained in seconds on blob images.
 
-Five classes; each class is a fixed arrangement of three coloured Gaussian blobs (its own positions
-and colours) on a dark background; images jitter the blobs' positions and colours and add noise.
+Five classes; each class is a fixed arrangement of three Gaussian blobs in a class colour; each
+image jitters positions and colour, draws its own background colour and adds noise.
 """
 from __future__ import annotations
 
@@ -19,19 +19,21 @@ SIZE = 32
 
 
 def blob_images(n_per_class: int, classes: int = 5, seed: int = 0, size: int = SIZE):
+    """Class = where three blobs sit and their (jittered) colour; the background colour is random per
+    image, so the BN statistics are broad, as with real images."""
     g = torch.Generator().manual_seed(seed)
     centres = torch.rand(classes, 3, 2, generator=torch.Generator().manual_seed(1234)) * (size - 12) + 6
-    colours = torch.rand(classes, 3, 3, generator=torch.Generator().manual_seed(4321))
+    colours = torch.rand(classes, 3, generator=torch.Generator().manual_seed(4321))
     yy, xx = torch.meshgrid(torch.arange(size).float(), torch.arange(size).float(), indexing="ij")
     xs, ys = [], []
     for c in range(classes):
-        c_pos = centres[c].unsqueeze(0) + torch.randn(n_per_class, 3, 2, generator=g) * 1.5
-        c_col = (colours[c].unsqueeze(0) + torch.randn(n_per_class, 3, 3, generator=g) * 0.1).clamp(0, 1)
-        d2 = (yy.view(1, 1, size, size) - c_pos[..., 0, None, None]) ** 2 + \
-             (xx.view(1, 1, size, size) - c_pos[..., 1, None, None]) ** 2
-        blobs = torch.exp(-d2 / (2 * 3.0 ** 2))                                # [n, 3 blobs, S, S]
-        img = torch.einsum("nbhw,nbc->nchw", blobs, c_col)
-        img = img + 0.1 + torch.randn(n_per_class, 3, size, size, generator=g) * 0.05
+        pos = centres[c].unsqueeze(0) + torch.randn(n_per_class, 3, 2, generator=g) * 1.5
+        d2 = (yy.view(1, 1, size, size) - pos[..., 0, None, None]) ** 2 + \
+             (xx.view(1, 1, size, size) - pos[..., 1, None, None]) ** 2
+        blobs = torch.exp(-d2 / (2 * 3.0 ** 2)).amax(1, keepdim=True)          # [n, 1, S, S]
+        fg = (colours[c].view(1, 3, 1, 1) + torch.randn(n_per_class, 3, 1, 1, generator=g) * 0.1).clamp(0, 1)
+        bg = torch.rand(n_per_class, 3, 1, 1, generator=g)
+        img = bg + (fg - bg) * blobs + torch.randn(n_per_class, 3, size, size, generator=g) * 0.05
         xs.append(img.clamp(0, 1))
         ys.append(torch.full((n_per_class,), c))
     return torch.cat(xs), torch.cat(ys)
@@ -75,8 +77,10 @@ def one_thread():
         torch.set_num_threads(before)
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(scope="module", autouse=True)
 def _single_thread():
+    # Module scope: autouse fixtures of a scope are set up before the other fixtures of that scope,
+    # so module-scoped results (e.g. a recovery shared by several tests) are computed under it too.
     with one_thread():
         yield
 

@@ -1,0 +1,74 @@
+"""The ``launch.py`` command line (kept in the package so tests and Tune can call it)."""
+from __future__ import annotations
+
+import argparse
+import os
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    from raydfml.config import METHODS, PROFILES, SCENARIOS
+
+    p = argparse.ArgumentParser(
+        prog="launch.py", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Train a few-shot learner from a pool of teachers without their data, on Ray.",
+        epilog="Examples:\n  python launch.py --scenario mr\n  python launch.py --scenario mr --profile smoke --workers 0\n"
+               "  python launch.py --scenario mr --set learner.inner_lr=0.05 --set train.rounds=40")
+    p.add_argument("--scenario", default="mr", help=f"teacher-pool scenario: {', '.join(SCENARIOS)} (default mr)")
+    p.add_argument("--method", default="deepinv", help=f"method preset: {', '.join(METHODS)} (default deepinv)")
+    p.add_argument("--profile", default="quick", help=f"compute budget: {', '.join(PROFILES)} (default quick)")
+    p.add_argument("--dataset", default=None, help="dataset (default: glyphs, generated when missing)")
+    p.add_argument("--data-root", default=None, help="root of datasets in the seeds' layout (default ./data)")
+    p.add_argument("--zoo-dir", default=None, help="teacher zoo directory (default <data-root>/zoo/<derived>)")
+    p.add_argument("--out", default=None, help="run directory (default runs/<scenario>-<method>-<profile>-s<seed>)")
+    p.add_argument("--workers", type=int, default=None, help="TeacherPool actors on Ray; 0 runs in-process (default 2)")
+    p.add_argument("--device", default=None, help="auto | cpu | cuda (default auto)")
+    p.add_argument("--seed", type=int, default=0, help="experiment seed (default 0)")
+    p.add_argument("--address", default=None, help="Ray cluster address, e.g. auto (default: start a local Ray)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any config value, e.g. learner.inner_lr=0.05 (repeatable)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p.parse_args(argv)
+
+
+def build_config(args: argparse.Namespace):
+    from raydfml.config import resolve
+    from raydfml.errors import UserError
+
+    overrides: dict = {}
+    for item in args.set:
+        if "=" not in item:
+            raise UserError(f"--set {item!r}: expected KEY=VALUE")
+        k, v = item.split("=", 1)
+        overrides[k.strip()] = v.strip()
+    for key, val in [("data.dataset", args.dataset), ("data.data_root", args.data_root), ("pool.zoo_dir", args.zoo_dir),
+                     ("runtime.workers", args.workers), ("runtime.device", args.device),
+                     ("runtime.address", args.address)]:
+        if val is not None:
+            overrides[key] = val
+    cfg = resolve(args.scenario, args.method, args.profile, overrides, seed=args.seed)
+    if args.out:
+        cfg.out = args.out
+    return cfg
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from raydfml.runtime.driver import run_experiment
+    from raydfml.report import results_table
+
+    cfg = build_config(args)
+    results = run_experiment(cfg, resume=args.resume, progress=not args.quiet)
+    print(results_table(results).to_string())
+    print(f"\nrun directory: {results['run_dir']}  (wall {results['wall_s']:.0f}s)")
+    for note in results.get("notes", []):
+        print(f"note: {note}")
+    return 0
+
+
+def cli() -> None:
+    from raydfml.errors import run_cli
+
+    run_cli(main)

@@ -1,0 +1,140 @@
+"""End to end: launch.py's smoke profile on the embedded data, on Ray and in-process."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from raydfml.cli import build_config, parse_args
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def smoke_root(tmp_path_factory):
+    """Data root with the smoke glyph set and its zoo already built (as a warm cache would have)."""
+    from raydfml.data.layout import ensure_dataset
+    from raydfml.runtime.pool import prepare_pool
+
+    root = tmp_path_factory.mktemp("smoke-data")
+    ensure_dataset(root, "glyphs-smoke")
+    cfg = _cfg(root, tmp_path_factory.mktemp("unused"), "--workers", "0")
+    prepare_pool(cfg, workers=0, progress=False)
+    return root
+
+
+def _cfg(root, out, *extra):
+    return build_config(parse_args(["--scenario", "mr", "--profile", "smoke", "--data-root", str(root),
+                                    "--out", str(out), "--quiet", *extra]))
+
+
+def _run(root, out, *extra, **kw):
+    env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
+    return subprocess.Popen([sys.executable, str(REPO / "launch.py"), "--scenario", "mr", "--profile", "smoke",
+                             "--data-root", str(root), "--out", str(out), "--quiet", *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, **kw)
+
+
+def test_smoke_run_on_ray_writes_a_complete_run_directory(smoke_root, ray_session, tmp_path):
+    from raydfml.runtime.driver import run_experiment
+
+    cfg = _cfg(smoke_root, tmp_path / "run", "--workers", "2")
+    results = run_experiment(cfg, progress=False)
+    run = tmp_path / "run"
+    saved = json.loads((run / "results.json").read_text())
+    assert saved["scenario"] == "mr" and saved["method"] == "deepinv" and saved["profile"] == "smoke"
+    assert {(r["way"], r["shot"]) for r in saved["meta_test"]} == {(5, 1), (5, 5)}
+    assert set(saved["baselines"]) == {"random_init", "teacher_average", "with_data"}
+    for rec in saved["meta_test"] + [r for recs in saved["baselines"].values() for r in recs]:
+        assert rec["tasks"] == cfg.train.test_tasks and 0 <= rec["accuracy"] <= 100 and rec["ci95"] >= 0
+    metrics = pd.read_csv(run / "metrics.csv")
+    assert metrics["round"].tolist() == list(range(cfg.train.rounds))
+    assert (metrics["teachers/conv4"] == cfg.train.teachers_per_round).all()
+    assert metrics["val/acc"].notna().any() and (metrics["synth/teacher_acc"] > 0).all()
+    assert list((run / "tb").glob("events.out.tfevents.*"))
+    assert (run / "checkpoints" / "last.pt").is_file() and (run / "meta_val.png").is_file()
+    assert "random_init" in (run / "results.md").read_text()
+    assert results["wall_s"] > 0
+
+
+def test_same_seed_in_process_gives_identical_meta_test(smoke_root, tmp_path):
+    from raydfml.runtime.driver import run_experiment
+
+    a = run_experiment(_cfg(smoke_root, tmp_path / "a", "--workers", "0", "--seed", "3"), progress=False)
+    b = run_experiment(_cfg(smoke_root, tmp_path / "b", "--workers", "0", "--seed", "3"), progress=False)
+    assert a["meta_test"] == b["meta_test"]
+    assert a["baselines"] == b["baselines"]
+
+
+def test_teacher_pool_actor_killed_mid_run_is_replaced(smoke_root, ray_session, tmp_path):
+    import ray
+
+    from raydfml.report import RunReport
+    from raydfml.runtime.driver import train
+    from raydfml.runtime.pool import existing_pool
+
+    cfg = _cfg(smoke_root, tmp_path / "run", "--workers", "2")
+    killed = []
+
+    def kill_after_round_one(r, metrics, executor):
+        if r == 1:
+            ray.kill(executor.pools[0], no_restart=True)
+            killed.append(r)
+
+    report = RunReport(tmp_path / "run", cfg.to_dict())
+    out = train(cfg, tmp_path / "run", report, progress=False, entries=existing_pool(cfg),
+                on_round_end=kill_after_round_one)
+    report.close()
+    assert killed == [1] and out["actors_replaced"] >= 1
+    assert pd.read_csv(tmp_path / "run" / "metrics.csv")["round"].tolist() == list(range(cfg.train.rounds))
+
+
+def test_sigkill_then_resume_continues_from_checkpoint(smoke_root, tmp_path):
+    out = tmp_path / "run"
+    rounds = ["--set", "train.rounds=12", "--workers", "0"]
+    proc = _run(smoke_root, out, *rounds)
+    ckpt = out / "checkpoints" / "last.pt"
+    deadline = time.time() + 240
+    killed_at = None
+    while time.time() < deadline and proc.poll() is None:
+        if ckpt.is_file() and (out / "metrics.csv").is_file():
+            rows = pd.read_csv(out / "metrics.csv")
+            if len(rows) >= 2:
+                proc.send_signal(signal.SIGKILL)
+                proc.wait()
+                killed_at = int(rows["round"].max())
+                break
+        time.sleep(0.2)
+    assert killed_at is not None, "the run finished or stalled before it could be killed"
+    assert not (out / "results.json").exists()
+    resumed = _run(smoke_root, out, *rounds, "--resume")
+    stdout, stderr = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, stderr[-2000:]
+    line = next(l for l in stdout.splitlines() if l.startswith("resuming from the checkpoint of round"))
+    start = int(line.split("continuing at round ")[1])
+    assert start >= killed_at >= 1
+    metrics = pd.read_csv(out / "metrics.csv")
+    assert metrics["round"].tolist() == list(range(12))      # no gaps, no duplicates
+    assert json.loads((out / "results.json").read_text())["meta_test"]
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--method", "nope"], "--method"),
+    (["--set", "learner.nope=1"], "learner.nope"),
+    (["--resume"], "--resume"),
+    (["--dataset", "imagenet"], "imagenet"),
+])
+def test_bad_input_gives_one_line_and_exit_2(smoke_root, tmp_path, args, needle):
+    proc = _run(smoke_root, tmp_path / "run", "--workers", "0", *args)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 2
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], stderr
+    assert not (tmp_path / "run" / "results.json").exists()
