@@ -74,6 +74,13 @@ def train_with_data(cfg: ExperimentConfig, meta_updates: int, device: torch.devi
     return {n: p.detach().cpu() for n, p in params.items()}
 
 
+def _with_data_task(cfg_dict: dict, meta_updates: int) -> dict:
+    from .runtime.cluster import worker_device
+
+    cfg = ExperimentConfig.from_dict(cfg_dict)
+    return train_with_data(cfg, meta_updates, worker_device(cfg.runtime.device))
+
+
 def _evaluate_one(cfg_dict: dict, params: dict, shot: int, device: str | None = None) -> dict:
     """One (model, shot) cell of the results table; a Ray task body when workers > 0."""
     from .evaluation import evaluate
@@ -106,7 +113,13 @@ def evaluate_final(cfg: ExperimentConfig, trained: dict, entries, progress: bool
             notes.append(note)
     t_wd = time.time()
     if "with_data" in cfg.train.baselines:
-        models["with_data"] = train_with_data(cfg, trained["meta_updates"], device, progress)
+        if cfg.runtime.workers > 0:   # a one-thread Ray task, like every other worker of the run
+            import ray
+
+            task = ray.remote(_with_data_task).options(num_cpus=1, num_gpus=0)
+            models["with_data"] = ray.get(task.remote(cfg.to_dict(), trained["meta_updates"]))
+        else:
+            models["with_data"] = train_with_data(cfg, trained["meta_updates"], device, progress)
     t_wd = time.time() - t_wd
 
     cells = [(name, shot) for name in models for shot in cfg.train.test_shots]

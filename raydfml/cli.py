@@ -30,6 +30,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config value, e.g. learner.inner_lr=0.05 (repeatable)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    t = p.add_argument_group("sweeps (Ray Tune)")
+    t.add_argument("--tune", default=None, metavar="SWEEP.yaml",
+                   help="run the sweep in this file (e.g. tune_configs/smoke.yaml) instead of one experiment; "
+                        "with --resume, continue an interrupted sweep")
+    t.add_argument("--num-samples", type=int, default=None, help="samples per grid point (overrides the sweep file)")
+    t.add_argument("--storage", default=None, help="directory for sweep results (default ./runs/tune; made absolute)")
     return p.parse_args(argv)
 
 
@@ -56,6 +62,18 @@ def build_config(args: argparse.Namespace):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.tune:
+        from raydfml.tune import run_sweep
+
+        overrides = dict(item.split("=", 1) for item in args.set if "=" in item)
+        for key, val in [("data.dataset", args.dataset), ("data.data_root", args.data_root), ("pool.zoo_dir", args.zoo_dir),
+                         ("runtime.device", args.device)]:
+            if val is not None:
+                overrides[key] = val
+        out = run_sweep(args.tune, num_samples=args.num_samples, storage=args.storage, resume=args.resume,
+                        address=args.address, quiet=args.quiet,
+                        overrides={k.strip(): v.strip() for k, v in overrides.items()})
+        return 0 if out["complete"] and not out["errors"] else 1
     from raydfml.runtime.driver import run_experiment
     from raydfml.report import results_table
 

@@ -57,7 +57,7 @@ def actor_cpu_share(actors: int) -> float:
     return max(0.01, math.floor(min(1.0, cpus / max(1, actors)) * 100) / 100)  # floor: shares must fit
 
 
-def worker_device(prefer: str = "auto"):
+def worker_device(prefer: str = "auto", threads: int = 1):
     """Device inside a Ray worker: CUDA when Ray assigned us a GPU, else CPU with one thread.
 
     On a 2-core machine, actors that each use all cores fight for them; one thread each scales.
@@ -72,5 +72,5 @@ def worker_device(prefer: str = "auto"):
         gpu_ids = []
     if prefer != "cpu" and gpu_ids and torch.cuda.is_available():
         return torch.device("cuda")
-    torch.set_num_threads(1)
+    torch.set_num_threads(max(1, threads))
     return torch.device("cpu")

@@ -109,7 +109,7 @@ def _round_loop(cfg, run_dir, report, resume, progress, executor, entries, on_ro
                 metrics[f"teachers/{arch}"] = float(sum(it["arch"] == arch for it in results))
             if report is not None and (r == start or (r + 1) % tr.eval_every == 0):
                 for it in results[:2]:
-                    report.log_images(r, f"synth/teacher_{it['teacher']}", torch.from_numpy(np.asarray(it["images"][:50])).float())
+                    report.log_images(r, f"synth/teacher_{it['teacher']}", torch.tensor(np.asarray(it["images"][:50]), dtype=torch.float32))
         metrics.update(ex.get(ex.call(ml, "replay", tr.replay_batches)))
         if (r + 1) % tr.eval_every == 0 or r == tr.rounds - 1:
             val = ex.get(ex.call(ml, "validate", r))

@@ -67,6 +67,11 @@ class RayExecutor:
         gpus = rt.actor_gpus if rt.actor_gpus is not None else gpu_fraction(n_actors)
         cpus = rt.actor_cpus if rt.actor_cpus is not None else actor_cpu_share(n_actors)
         self._pool_opts = dict(num_cpus=cpus, num_gpus=gpus, max_restarts=0)
+        strategy = getattr(rt, "pool_strategy", "default") or "default"
+        if strategy.lower() not in ("default", "spread"):
+            raise UserError(f"config runtime.pool_strategy={strategy!r}: choose default or spread")
+        if strategy.lower() == "spread":          # one TeacherPool per node where possible (multi-node runs)
+            self._pool_opts["scheduling_strategy"] = "SPREAD"
         self._pool_cls = ray.remote(TeacherPool)
         self.meta = ray.remote(MetaLearner).options(num_cpus=cpus, num_gpus=gpus).remote(cfg.to_dict(), pool_classes)
         self.pools = [self._new_pool() for _ in range(max(1, rt.workers))]

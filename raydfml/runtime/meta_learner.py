@@ -28,7 +28,8 @@ class MetaLearner:
         from .cluster import worker_device
 
         self.cfg = ExperimentConfig.from_dict(cfg)
-        self.device = torch.device(device) if device else worker_device(self.cfg.runtime.device)
+        self.device = torch.device(device) if device else worker_device(self.cfg.runtime.device,
+                                                                         threads=self.cfg.runtime.meta_threads)
         torch.manual_seed(task_seed(self.cfg.seed, 1))
         self.spec = get_spec(self.cfg.data.dataset)
         self.model = build_meta_model(self.cfg).to(self.device)

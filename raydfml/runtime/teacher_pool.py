@@ -38,6 +38,12 @@ class TeacherPool:
     def ping(self) -> bool:
         return True
 
+    def node_id(self) -> str | None:
+        """The Ray node this pool runs on (None in-process): multi-node placement checks."""
+        import ray
+
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+
     def teacher(self, index: int) -> torch.nn.Module:
         if index not in self.teachers:
             e = self.entries[index]

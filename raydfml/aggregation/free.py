@@ -1,0 +1,79 @@
+"""FREE's "implicit gradient alignment": sequential Reptile-style distillation over the round's teachers.
+
+FREE (``main.py`` after warm-up, reference §5): copy the meta-parameters, make one distillation step
+on each teacher's recovered task in a fixed order on the copy (a fresh Adam at the outer lr), then
+use ``scale * (θ - θ_copy)`` as the meta-gradient of the shared outer optimiser. Expanding the
+sequential steps to second order gives ``-Σ_i g_i + lr * Σ_{i<j} H_j g_i``-type terms, i.e. an
+implicit push toward directions on which the teachers' gradients agree (Reptile's inner-product term).
+
+This runs where all the round's recovered tasks are (the MetaLearner): TeacherPool actors send the
+recovered images and their teachers' logits on them; no teacher is needed here.
+
+Differences from the seeds:
+
+- The loss is ``learner.task_loss_fn`` (``kd_weight * KL(p_t || p_s) + ce_weight * CE``); FREE's
+  ``F.kl_div(softmax(s), softmax(t))`` was not a KL (bug B4). Use ``ce_weight=0`` for FREE's KD-only.
+- ``scale`` is a parameter (FREE hard-coded 67; a comment says "alpha=40").
+- Each task's augmentation is the caller's, per image (FREE shared one crop/flip for all: B15).
+"""
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+FREE_SCALE = 67.0
+OPTIMIZERS = ("adam", "sgd")
+
+
+def _whole_task(task) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Support and query as one batch (FREE distilled on all of a teacher's recovered images at once)."""
+    x = torch.cat([task.x_support, task.x_query])
+    y = torch.cat([task.y_support, task.y_query])
+    t = None
+    if task.t_support is not None and task.t_query is not None:
+        t = torch.cat([task.t_support, task.t_query])
+    return x, y, t
+
+
+def reptile_alignment(learner, params: Mapping[str, Tensor], teacher_tasks: Sequence, *, lr: float = 1e-3,
+                      scale: float = FREE_SCALE, optimizer: str = "adam",
+                      steps_per_task: int = 1) -> tuple[dict[str, Tensor], dict]:
+    """``(grads, stats)``: ``grads[n] = scale * (params[n] - θf[n])`` after sequential distillation.
+
+    ``θf`` starts as a detached copy of ``params``; for each task of ``teacher_tasks`` in the given
+    order, ``steps_per_task`` steps (FREE: 1) of ``optimizer`` (``"adam"``, FREE's fresh Adam at the
+    outer lr, default betas; or ``"sgd"``) at ``lr`` on ``learner.task_loss_fn`` over the task's
+    support and query together, with its teacher logits (``t_support``/``t_query``) when present.
+    The optimiser is created per call, so its moments span only this round's teachers (FREE).
+    ``params`` are not modified; ``grads`` are detached, on the parameters' devices, keyed alike, to be
+    stepped by the outer optimiser (or flattened for the object store). ``stats["losses"]`` holds the
+    loss of each step before it was taken.
+    """
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"reptile_alignment: optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
+    if not teacher_tasks:
+        raise ValueError("reptile_alignment needs at least one teacher task")
+    if steps_per_task < 1:
+        raise ValueError(f"steps_per_task must be >= 1, got {steps_per_task}")
+    names = list(params)
+    fast = {n: params[n].detach().clone().requires_grad_(True) for n in names}
+    leaves = [fast[n] for n in names]
+    opt = (torch.optim.Adam(leaves, lr=lr) if optimizer == "adam" else torch.optim.SGD(leaves, lr=lr))
+    losses = []
+    with torch.enable_grad():
+        for task in teacher_tasks:
+            x, y, t = _whole_task(task)
+            for _ in range(steps_per_task):
+                loss = learner.task_loss_fn(learner.forward(fast, x), y, t)
+                grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+                for p, g in zip(leaves, grads):
+                    p.grad = g          # None for an unused parameter: the optimiser skips it
+                opt.step()
+                losses.append(float(loss.detach()))
+    out = {n: scale * (params[n].detach() - fast[n].detach()) for n in names}
+    return out, {"loss": sum(losses) / len(losses), "losses": losses}
+
+
+__all__ = ["FREE_SCALE", "reptile_alignment"]

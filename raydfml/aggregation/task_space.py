@@ -1,0 +1,281 @@
+"""TGR's task space: embed teachers by a probe's diagonal Fisher, compare them, group dissimilar ones.
+
+Pipeline (run once before training, optionally again every R rounds; the groups are cached as JSON
+in the run directory)::
+
+    probe = make_probe(seed)                                  # offline: nothing is downloaded
+    E = torch.stack([fisher_embedding(probe, rec_i.images, rec_i.labels, mean, std) for each teacher i])
+    S = task_similarity(E)                                    # [M, M], Task2Vec's normalised cosine
+    groups = heterogeneous_groups(S, n_groups, seed)          # spectral clustering of 1 - S, ALL teachers
+    save_groups(run_dir / "tgr_groups.json", groups, teacher_ids=ids)
+
+**Probe.** TGR used torchvision's ImageNet ResNet-34 (downloaded weights) with its 1000-way head
+against labels 0-4 and squared *batch* gradients (bug B17: an untrained, mismatched head). Here the
+probe is an offline network: by default ``make_probe(seed)``, a seeded random Conv4 (or any zoo
+teacher passed in). Its body is kept fixed, and a fresh ``way``-way head (seeded) is first fitted on
+the teacher's recovered data with the body frozen (``head_steps`` Adam steps on precomputed features,
+Task2Vec's recipe); only then is the Fisher taken, and by default only over the body (Task2Vec's
+feature-extractor Fisher: the head is task-specific by construction). A random head would make the
+CE gradients mostly reflect the random readout, not the data; a fully converged head makes them
+vanish; a short fit in between is what Task2Vec does. The Fisher is the empirical one (CE against
+the recovered labels): ``mean over batches of (grad of the batch-mean loss)^2`` (TGR) or, with
+``per_sample=True``, ``mean over samples of (grad of the sample loss)^2`` (Task2Vec's estimator).
+BN uses batch statistics on a private copy of the probe (a random probe has no meaningful running
+statistics; TGR's probe was in train mode too); batches are a seeded shuffle, so no batch is one class.
+
+**Similarity.** ``S_ij = cos(F_i / (F_i + F_j + eps), F_j / (F_i + F_j + eps))`` over all
+coordinates (or averaged over parameter tensors, TGR's variant, with ``segments``). The pairwise
+denominator rules out a plain matmul, so the three sums it needs are accumulated with chunked
+broadcasting over all pairs at once (memory ``M^2 * chunk``), on the embeddings' device.
+
+**Groups.** ``SpectralClustering(affinity="precomputed")`` fitted on the *dissimilarity*
+``D = 1 - S`` as the affinity: dissimilar teachers are strongly linked, so each cluster mixes
+dissimilar teachers (TGR's heterogeneous groups), over *all* teachers of the pool (TGR clustered
+only the first 100 of 300 in md/ma: bug B3).
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import warnings
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..models import build_model
+from ..synthesis.base import cpu_generator, make_normalizer, module_device
+
+HEAD = "classifier."
+
+
+# ------------------------------------------------------------------------------------------- probe
+
+def make_probe(seed: int = 0, *, arch: str = "conv4", image_size: int = 32, width: float = 1.0,
+               adaptive_pool: bool = False, way: int = 5) -> nn.Module:
+    """A seeded random probe network with batch-statistic BN (no running buffers).
+
+    The init is a function of ``seed`` only (the global RNG is untouched), so every process that
+    embeds teachers builds the same probe. ``adaptive_pool=True`` accepts mixed input sizes (md).
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(seed))
+        return build_model(arch, num_classes=way, image_size=image_size, width=width, track_bn_stats=False,
+                           adaptive_pool=adaptive_pool)
+
+
+def _fisher_params(net: nn.Module, include_head: bool) -> list[tuple[str, nn.Parameter]]:
+    return [(n, p) for n, p in net.named_parameters() if include_head or not n.startswith(HEAD)]
+
+
+REDUCE = ("filter", "none")
+
+
+def _reduced(t: Tensor, reduce: str) -> Tensor:
+    """Task2Vec's filter averaging: a weight [C_out, ...] becomes its per-output-channel mean."""
+    if reduce == "filter" and t.dim() >= 2:
+        return t.flatten(1).mean(1)
+    return t.flatten()
+
+
+def fisher_segments(probe: nn.Module, include_head: bool = False, reduce: str = "filter") -> list[int]:
+    """Sizes of the parameter tensors' blocks in ``fisher_embedding``'s output (for per-tensor similarity)."""
+    return [_reduced(p.detach(), reduce).numel() for _, p in _fisher_params(probe, include_head)]
+
+
+def fisher_embedding(probe: nn.Module, images01: Tensor, labels: Tensor, mean: Sequence[float],
+                     std: Sequence[float], *, batch: int = 100, per_sample: bool = False, head_steps: int = 50,
+                     head_lr: float = 1e-2, seed: int = 0, include_head: bool = False,
+                     reduce: str = "filter", dtype: torch.dtype = torch.float32) -> Tensor:
+    """Diagonal empirical Fisher of ``probe`` on one teacher's recovered data, as one flat vector.
+
+    ``images01``: [N, 3, S, S] in [0, 1] (any float dtype, e.g. ``Recovered.images``);
+    ``labels``: relative labels 0..way-1. ``probe`` needs ``forward_features`` and a ``classifier``
+    ``nn.Linear`` head (every backbone in ``raydfml.models``); it is not modified: a copy gets a fresh
+    head (seeded), fitted for ``head_steps`` steps with the body frozen, see the module docstring.
+    ``seed`` fixes the head init and the batch shuffle. The result is on the probe's device, in
+    ``dtype``: float32 by default; squared gradients are tiny, so a 16-bit cache should be bfloat16
+    (float16 underflows below 6e-8), and the similarity should be computed in float32.
+    """
+    if reduce not in REDUCE:
+        raise ValueError(f"fisher_embedding: reduce must be one of {REDUCE}, got {reduce!r}")
+    if images01.shape[0] != labels.shape[0] or images01.shape[0] == 0:
+        raise ValueError(f"fisher_embedding: {images01.shape[0]} images but {labels.shape[0]} labels")
+    head = getattr(probe, "classifier", None)
+    if not isinstance(head, nn.Linear) or not hasattr(probe, "forward_features"):
+        raise TypeError(f"the probe needs forward_features and an nn.Linear 'classifier'; "
+                        f"{type(probe).__name__} has not")
+    device = module_device(probe)
+    net = copy.deepcopy(probe).train().requires_grad_(True)
+    way = int(labels.max()) + 1
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(seed))
+        net.classifier = nn.Linear(head.in_features, way).to(device)
+    x = make_normalizer(mean, std, device)(images01.detach().to(device, torch.float32))
+    y = labels.detach().to(device, torch.int64)
+    order = torch.randperm(len(y), generator=cpu_generator(seed)).to(device)
+    batches = list(order.split(int(batch)))
+
+    if head_steps > 0:
+        with torch.no_grad():
+            feats = torch.cat([net.forward_features(x[b]) for b in batches])
+        yb = torch.cat([y[b] for b in batches])
+        opt = torch.optim.Adam(net.classifier.parameters(), lr=head_lr)
+        for _ in range(int(head_steps)):
+            loss = F.cross_entropy(net.classifier(feats), yb)
+            grads = torch.autograd.grad(loss, list(net.classifier.parameters()))
+            for p, g in zip(net.classifier.parameters(), grads):
+                p.grad = g
+            opt.step()
+
+    named = _fisher_params(net, include_head)
+    params = [p for _, p in named]
+    fisher = [torch.zeros_like(p) for p in params]
+    for b in batches:
+        logits = net(x[b])
+        if per_sample:
+            losses = F.cross_entropy(logits, y[b], reduction="none")
+            eye = torch.eye(len(b), device=device, dtype=losses.dtype)
+            # One batched backward: row k of each result is the gradient of sample k's loss (through
+            # the shared batch statistics, exactly as the forward computed it).
+            grads = torch.autograd.grad(losses, params, grad_outputs=eye, is_grads_batched=True)
+            for acc, g in zip(fisher, grads):
+                acc += g.square().sum(0)
+        else:
+            grads = torch.autograd.grad(F.cross_entropy(logits, y[b]), params)
+            for acc, g in zip(fisher, grads):
+                acc += g.square()
+    count = len(y) if per_sample else len(batches)
+    return torch.cat([_reduced(f, reduce) for f in fisher]).div_(count).to(dtype)
+
+
+# -------------------------------------------------------------------------------------- similarity
+
+def task_similarity(embeddings: Tensor, *, segments: Sequence[int] | None = None, eps: float = 1e-6,
+                    max_elements: int = 1 << 22) -> Tensor:
+    """Task2Vec's normalised cosine between every pair of rows of ``embeddings`` [M, P]: [M, M].
+
+    ``S_ij = <a, b> / (|a| |b|)`` with ``a = F_i / (F_i + F_j + eps)``, ``b = F_j / (F_i + F_j + eps)``.
+    With ``w = (F_i + F_j + eps)^-2`` the three sums are ``Σ F_i F_j w``, ``Σ F_i^2 w`` and
+    ``Σ F_j^2 w``; the last is the transpose of the second, so two [M, M] accumulators suffice. They
+    are accumulated over coordinate chunks of ``max_elements / M^2`` columns, each chunk a broadcast
+    over all pairs (no Python loop over pairs). ``segments`` (sizes summing to P, e.g.
+    ``fisher_segments``) averages the cosine over parameter tensors instead (TGR's form). Computed in
+    float32 (float64 for float64 input) on the embeddings' device; symmetric, diagonal 1; a pair
+    with an all-zero side gets 0.
+    """
+    if embeddings.dim() != 2:
+        raise ValueError(f"task_similarity expects [M, P] embeddings, got shape {tuple(embeddings.shape)}")
+    work = torch.float64 if embeddings.dtype == torch.float64 else torch.float32
+    e = embeddings.detach().to(work)
+    m, p = e.shape
+    if (e < 0).any():
+        raise ValueError("task_similarity: Fisher embeddings must be non-negative")
+    sizes = [p] if segments is None else [int(s) for s in segments]
+    if sum(sizes) != p or any(s <= 0 for s in sizes):
+        raise ValueError(f"segments sum to {sum(sizes)} (all must be > 0), embeddings have {p} columns")
+    chunk = max(1, int(max_elements) // max(1, m * m))
+    total = torch.zeros(m, m, dtype=work, device=e.device)
+    lo = 0
+    for size in sizes:
+        dot = torch.zeros(m, m, dtype=work, device=e.device)
+        sq = torch.zeros(m, m, dtype=work, device=e.device)          # sq[i, j] = Σ F_i^2 w_ij = |a_ij|^2
+        for c0 in range(lo, lo + size, chunk):
+            a = e[:, c0:min(c0 + chunk, lo + size)]
+            w = (a[:, None, :] + a[None, :, :] + eps).reciprocal_().square_()       # [M, M, c]
+            dot += torch.einsum("ic,jc,ijc->ij", a, a, w)
+            sq += torch.einsum("ic,ijc->ij", a.square(), w)
+        total += dot / (sq * sq.T).sqrt().clamp_min(torch.finfo(work).tiny)
+        lo += size
+    s = total / len(sizes)
+    s = (s + s.T) / 2
+    s.fill_diagonal_(1.0)
+    return s
+
+
+# ----------------------------------------------------------------------------------------- groups
+
+def heterogeneous_groups(similarity: Tensor | np.ndarray, n_groups: int, seed: int = 42, *,
+                         n_init: int = 30) -> list[list[int]]:
+    """Partition all M teachers into at most ``n_groups`` groups of mutually *dissimilar* teachers.
+
+    ``SpectralClustering(n_clusters=n_groups, affinity="precomputed", n_init, random_state=seed)``
+    (TGR's settings: n_init 30, seed 42) on ``D = 1 - S`` (clipped to [0, 1], zero diagonal,
+    symmetrised) used as the affinity. Deterministic for a given ``seed``. Groups are sorted lists of
+    row indices of ``similarity``, ordered by their first member; their sizes are unconstrained (TGR).
+    Degenerate inputs (``n_groups`` 1 or M, or all teachers identical so that D has no edges) give
+    the trivial partitions (all in one group / singletons / round-robin by index).
+    """
+    s = np.asarray(similarity.detach().cpu().double() if isinstance(similarity, Tensor) else similarity,
+                   dtype=np.float64)
+    if s.ndim != 2 or s.shape[0] != s.shape[1]:
+        raise ValueError(f"similarity must be square, got shape {s.shape}")
+    m = s.shape[0]
+    if not 1 <= n_groups <= m:
+        raise ValueError(f"n_groups must be in 1..{m} (the number of teachers), got {n_groups}")
+    if n_groups == 1:
+        return [list(range(m))]
+    if n_groups == m:
+        return [[i] for i in range(m)]
+    d = np.clip(1.0 - (s + s.T) / 2, 0.0, 1.0)
+    np.fill_diagonal(d, 0.0)
+    if not (d > 0).any():
+        return [list(range(g, m, n_groups)) for g in range(n_groups)]
+    from sklearn.cluster import SpectralClustering
+
+    with warnings.catch_warnings():
+        # A pool with some identical teachers gives a disconnected graph; the clustering still works.
+        warnings.filterwarnings("ignore", message="Graph is not fully connected")
+        labels = SpectralClustering(n_clusters=n_groups, affinity="precomputed", n_init=n_init,
+                                    random_state=seed).fit_predict(d)
+    groups = [sorted(int(i) for i in np.flatnonzero(labels == g)) for g in np.unique(labels)]
+    return sorted(groups, key=lambda g: g[0])
+
+
+def _check_partition(groups: Sequence[Sequence[int]], m: int) -> None:
+    members = sorted(int(i) for g in groups for i in g)
+    if members != list(range(m)) or any(len(g) == 0 for g in groups):
+        raise ValueError(f"groups must partition 0..{m - 1} into non-empty groups, got {groups}")
+
+
+def save_groups(path: str | os.PathLike, groups: Sequence[Sequence[int]], *, teacher_ids: Sequence[int] | None = None,
+                similarity: Tensor | np.ndarray | None = None, **meta) -> Path:
+    """Write the groups (row indices) as JSON, atomically (temp file + rename: a killed run never
+    leaves half a cache). ``teacher_ids`` (the pool's teacher ids in row order) lets ``load_groups``
+    detect a cache from another pool; ``similarity`` (rounded to 6 decimals) and ``meta`` are kept
+    for reports."""
+    m = len(teacher_ids) if teacher_ids is not None else sum(len(g) for g in groups)
+    _check_partition(groups, m)
+    doc = {"version": 1, "n_teachers": m, "groups": [[int(i) for i in g] for g in groups],
+           "teacher_ids": None if teacher_ids is None else [int(t) for t in teacher_ids],
+           "similarity": None if similarity is None else np.round(np.asarray(
+               similarity.detach().cpu() if isinstance(similarity, Tensor) else similarity, dtype=float), 6).tolist(),
+           "meta": meta}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(doc, indent=1))
+    os.replace(tmp, path)
+    return path
+
+
+def load_groups(path: str | os.PathLike, teacher_ids: Sequence[int] | None = None) -> list[list[int]] | None:
+    """The cached groups, or None when there is no cache or it belongs to another pool (its
+    ``teacher_ids`` differ from the given ones): then recompute and ``save_groups`` again."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    doc = json.loads(path.read_text())
+    if teacher_ids is not None and doc.get("teacher_ids") != [int(t) for t in teacher_ids]:
+        return None
+    groups = [[int(i) for i in g] for g in doc["groups"]]
+    _check_partition(groups, int(doc["n_teachers"]))
+    return groups
+
+
+__all__ = ["fisher_embedding", "fisher_segments", "heterogeneous_groups", "load_groups", "make_probe",
+           "save_groups", "task_similarity"]
