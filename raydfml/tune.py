@@ -86,7 +86,7 @@ class Sweep:
     scheduler: dict[str, Any] = field(default_factory=lambda: {"name": "asha"})
     search_alg: dict[str, Any] = field(default_factory=lambda: {"name": "basic"})
     resources: dict[str, Any] = field(default_factory=dict)
-    checkpoints_to_keep: int = 2
+    checkpoints_to_keep: int | None = None     # None: 2, or 10 with PBT (exploited checkpoints must survive)
     time_budget_s: float | None = None
     storage: str | None = None
 
@@ -380,6 +380,8 @@ def build_search_alg(sweep: Sweep):
     if name in ("basic", "variant", "basic_variant"):
         from ray.tune.search import BasicVariantGenerator
 
+        # Tune ignores max_concurrent_trials for a generator instance: the generator enforces it itself.
+        opts.setdefault("max_concurrent", int(sweep.max_concurrent_trials or 0))
         return BasicVariantGenerator(**opts)
     if name in SEARCH_EXTRAS:
         module, extra = SEARCH_EXTRAS[name]
@@ -396,6 +398,13 @@ def build_search_alg(sweep: Sweep):
         raise UserError(f"search_alg {name!r} needs an optional package: pip install {pkg} ({exc})") from None
     except (AssertionError, TypeError, ValueError) as exc:
         raise UserError(f"search_alg {name!r}: {exc}") from None
+
+
+def checkpoints_to_keep(sweep: Sweep) -> int:
+    """Per trial. PBT restores other trials' checkpoints while they keep reporting: keep more of them."""
+    if sweep.checkpoints_to_keep is not None:
+        return max(1, int(sweep.checkpoints_to_keep))
+    return 10 if str(sweep.scheduler.get("name", "")).lower() == "pbt" else 2
 
 
 def _trial_dirname(trial) -> str:
@@ -436,6 +445,25 @@ def _config_into_checkpoint(path: Path, cfg) -> None:
     torch.save(ck, path)
 
 
+def _placement_group_of(_actor=None) -> str | None:
+    from ray.util import get_current_placement_group
+
+    pg = get_current_placement_group()
+    return pg.id.hex() if pg is not None else None
+
+
+def _actors_in_trial_group(executor) -> float:
+    """Fraction of the executor's actors that run inside this trial's placement group (1.0 expected)."""
+    import ray
+
+    actors = [executor.meta, *executor.pools]
+    if not hasattr(executor, "ray"):         # in-process executor: nothing to place
+        return float("nan")
+    mine = _placement_group_of()
+    theirs = ray.get([a.__ray_call__.remote(_placement_group_of) for a in actors])
+    return sum(t is not None and t == mine for t in theirs) / len(theirs)
+
+
 def run_trial(config: dict[str, Any], base: dict[str, Any]) -> None:
     """One trial: the engine's round loop with a Tune report (and checkpoint) per round."""
     import torch
@@ -461,7 +489,8 @@ def run_trial(config: dict[str, Any], base: dict[str, Any]) -> None:
         with ck.as_directory() as d:
             (run_dir / CHECKPOINT).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(Path(d) / "last.pt", run_dir / CHECKPOINT)
-            state.update(json.loads((Path(d) / "trial_state.json").read_text()))
+            saved = json.loads((Path(d) / "trial_state.json").read_text())
+            state.update({k: saved[k] for k in ("last_val", "best_val") if k in saved})
         _config_into_checkpoint(run_dir / CHECKPOINT, cfg)
         resume = True
     t0 = time.time()
@@ -486,6 +515,9 @@ def run_trial(config: dict[str, Any], base: dict[str, Any]) -> None:
 
     def on_round_end(r: int, metrics: dict, executor) -> None:
         out = tune_metrics(r, metrics)
+        if "in_pg" not in state:
+            state["in_pg"] = _actors_in_trial_group(executor)
+        out["actors_in_trial_pg"] = state["in_pg"]
         if r == cfg.train.rounds - 1:        # reported together with the final meta-test below
             pending.update(out, _ck=checkpoint_dir(r))
             return
@@ -556,67 +588,77 @@ def prebuild_pools(sweep: Sweep, fixed: dict[str, Any], progress: bool = True) -
     return sorted(set(built))
 
 
-def _trial_statuses(grid) -> dict[str, str]:
+def experiment_trials(exp_path: str | os.PathLike) -> list:
+    """The sweep's trials as saved on disk (status, config, last result), oldest first."""
+    import logging
+
+    from ray.tune import ExperimentAnalysis
+
+    lg = logging.getLogger("ray.tune.analysis.experiment_analysis")
+    level = lg.level
+    lg.setLevel(logging.ERROR)          # trials that never reported make it warn
     try:
-        return {t.trial_id: t.status for t in grid._experiment_analysis.trials}
-    except Exception:       # private API: the table falls back to what the results say
-        return {}
+        trials = ExperimentAnalysis(str(exp_path)).trials
+    finally:
+        lg.setLevel(level)
+    return sorted(trials, key=lambda t: t.trial_id)
 
 
-def trials_table(grid, sweep: Sweep) -> tuple:
-    """(numeric DataFrame for CSV, display DataFrame for Markdown): one row per trial."""
+def _status(trial) -> str:
+    m = trial.last_result or {}
+    if trial.status == "ERROR":
+        return "error"
+    if m.get("final"):
+        return "completed"
+    if trial.status == "TERMINATED":
+        return "stopped early" if m else "not started"
+    return "unfinished"
+
+
+def trials_table(trials, sweep: Sweep) -> tuple:
+    """(numeric DataFrame for CSV, display DataFrame for Markdown): one row per trial, best first."""
     import pandas as pd
 
-    statuses = _trial_statuses(grid)
     dims = ["scenario", "method", "profile", *[k for k in sweep.space if k not in ("scenario", "method", "profile")]]
     rows = []
-    for res in grid:
-        m, c = dict(res.metrics or {}), dict(res.config or {})
-        tid = m.get("trial_id") or (Path(res.path).name.removeprefix("trial_") if res.path else "?")
-        status = statuses.get(tid, "")
-        final = bool(m.get("final"))
-        if res.error is not None or status == "ERROR":
-            state = "error"
-        elif final:
-            state = "completed"
-        elif status in ("TERMINATED", "") and m:
-            state = "stopped early"
-        else:
-            state = "unfinished"
-        row = {"trial_id": tid, **{d: c.get(d) for d in dims}, "status": state,
+    for t in trials:
+        m, c = dict(t.last_result or {}), dict(t.config or {})
+        state = _status(t)
+        row = {"trial_id": t.trial_id, **{d: c.get(d) for d in dims}, "status": state,
                "stopped_early": state == "stopped early",
                "rounds_done": m.get("rounds_done"), "rounds": m.get("rounds"),
                "val_acc": m.get("val_acc"), "best_val_acc": m.get("best_val_acc")}
         for k in sorted(m):
-            if k.startswith(("test_acc_", "test_ci95_")):
+            if k.startswith(("test_acc_", "test_ci95_", "baseline_")):
                 row[k] = m[k]
-        row["wall_s"] = round(float(m.get("time_total_s", float("nan"))), 1) if m else None
-        row["trial_dir"] = res.path
+        row["wall_s"] = round(float(m["time_total_s"]), 1) if "time_total_s" in m else None
+        row["trial_dir"] = t.path
         rows.append(row)
     df = pd.DataFrame(rows)
     if df.empty:
         return df, df
     shots = sorted({int(k[len("test_acc_"):-len("shot")]) for k in df.columns if k.startswith("test_acc_")})
-    order = [c for c in df.columns if not c.startswith(("test_acc_", "test_ci95_"))]
-    num_cols = order[: order.index("wall_s")] + [x for s in shots for x in (f"test_acc_{s}shot", f"test_ci95_{s}shot")] \
-        + ["wall_s", "trial_dir"]
-    df = df[num_cols]
-    asc = sweep.mode == "min"
-    df = df.sort_values(by=[sweep.metric if sweep.metric in df.columns else "val_acc"], ascending=asc,
-                        na_position="last", kind="stable").reset_index(drop=True)
+    base_cols = sorted(k for k in df.columns if k.startswith("baseline_"))
+    head = [c for c in df.columns if not c.startswith(("test_acc_", "test_ci95_", "baseline_"))
+            and c not in ("wall_s", "trial_dir")]
+    df = df[head + [x for s in shots for x in (f"test_acc_{s}shot", f"test_ci95_{s}shot")] + base_cols
+            + ["wall_s", "trial_dir"]]
+    key = sweep.metric if sweep.metric in df.columns else "val_acc"
+    df = df.sort_values(by=[key], ascending=sweep.mode == "min", na_position="last", kind="stable")
+    df = df.reset_index(drop=True)
 
-    def acc(a, ci):
-        return "n/a" if a is None or pd.isna(a) else f"{a:.1f} ± {ci:.1f}"
+    def num(v, fmt="{:.1f}"):
+        return "n/a" if v is None or pd.isna(v) else fmt.format(v)
 
     show = pd.DataFrame({"trial": df["trial_id"]})
     for d in dims:
         show[d] = df[d].map(lambda v: f"{v:.3g}" if isinstance(v, float) else str(v))
-    show["val acc"] = df["val_acc"].map(lambda v: "n/a" if v is None or pd.isna(v) else f"{v:.1f}")
+    show["val acc"] = df["val_acc"].map(num)
     for s in shots:
-        show[f"test 5-way {s}-shot"] = [acc(a, ci) for a, ci in zip(df[f"test_acc_{s}shot"], df[f"test_ci95_{s}shot"])]
-    show["rounds"] = [f"{'?' if pd.isna(a) else int(a)}/{'?' if pd.isna(b) else int(b)}"
-                      for a, b in zip(df["rounds_done"].fillna(float("nan")), df["rounds"].fillna(float("nan")))]
-    show["wall s"] = df["wall_s"].map(lambda v: "n/a" if v is None or pd.isna(v) else f"{v:.0f}")
+        show[f"test 5-way {s}-shot"] = [num(a) if pd.isna(a) else f"{a:.1f} ± {ci:.1f}"
+                                        for a, ci in zip(df[f"test_acc_{s}shot"], df[f"test_ci95_{s}shot"])]
+    show["rounds"] = ["-" if pd.isna(a) else f"{a:.0f}/{b:.0f}" for a, b in zip(df["rounds_done"], df["rounds"])]
+    show["wall s"] = df["wall_s"].map(lambda v: num(v, "{:.0f}"))
     show["status"] = df["status"]
     return df, show.set_index("trial")
 
@@ -634,12 +676,13 @@ def _launch_command(best_cfg: dict[str, Any], sweep: Sweep) -> str:
     return " ".join(parts)
 
 
-def write_results(grid, sweep: Sweep, exp_path: Path, quiet: bool = False) -> dict[str, Any]:
+def write_results(sweep: Sweep, exp_path: Path, quiet: bool = False) -> dict[str, Any]:
     """trials.csv, trials.md and best.json in the experiment directory; prints the table and the best."""
     from .report import format_markdown
     from .utils import atomic_path
 
-    df, show = trials_table(grid, sweep)
+    trials = experiment_trials(exp_path)
+    df, show = trials_table(trials, sweep)
     with atomic_path(exp_path / TABLE_CSV) as tmp:
         df.to_csv(tmp, index=False)
     best = None
@@ -647,11 +690,11 @@ def write_results(grid, sweep: Sweep, exp_path: Path, quiet: bool = False) -> di
     if not ok.empty:
         i = ok[sweep.metric].idxmax() if sweep.mode == "max" else ok[sweep.metric].idxmin()
         row = ok.loc[i]
-        res = next(r for r in grid if (r.metrics or {}).get("trial_id") == row["trial_id"])
+        config = dict(next(t for t in trials if t.trial_id == row["trial_id"]).config)
         best = {"trial_id": row["trial_id"], sweep.metric: float(row[sweep.metric]), "status": row["status"],
-                "config": {k: v for k, v in res.config.items()},
+                "config": config,
                 "test": {c: float(row[c]) for c in df.columns if c.startswith("test_") and not math.isnan(row[c])},
-                "command": _launch_command(res.config, sweep)}
+                "command": _launch_command(config, sweep), "trial_dir": row["trial_dir"]}
     lines = [f"# sweep {sweep.name}", "", f"{sweep.description}".strip(), "",
              format_markdown(show) if not show.empty else "(no trials)", "",
              f"val acc: last meta-val accuracy (%) the scheduler saw; test: final meta-test accuracy (%) ± 95% CI "
@@ -687,6 +730,7 @@ def run_sweep(path: str, num_samples: int | None = None, storage: str | None = N
     ``overrides`` (``--set``, ``--data-root``, ...) are added to the sweep file's fixed ``set:`` values.
     """
     from ray import tune
+    from ray.tune.search import BasicVariantGenerator
 
     from .runtime.cluster import cluster_gpus, ensure_ray
 
@@ -707,6 +751,9 @@ def run_sweep(path: str, num_samples: int | None = None, storage: str | None = N
     elif tune.Tuner.can_restore(str(exp_path)):
         raise UserError(f"--storage {storage_path}: sweep {sweep.name!r} already exists there; "
                         f"pass --resume to continue it, or choose another --storage")
+    # Checkpoints every round with num_to_keep force an experiment-state snapshot each time: cheap on a
+    # local disk, so Tune's warning about it is noise here.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     ensure_ray(address=address)
     fixed = _absolute_paths(sweep.fixed)
     if not quiet:
@@ -722,27 +769,29 @@ def run_sweep(path: str, num_samples: int | None = None, storage: str | None = N
         exp_path.mkdir(parents=True, exist_ok=True)
         (exp_path / SWEEP_JSON).write_text(json.dumps({"sweep": sweep.to_dict(), "fixed": fixed,
                                                        "shares": shares}, indent=2, default=str))
+        alg = build_search_alg(sweep)
         tuner = tune.Tuner(
             trainable,
             param_space=param_space(sweep),
             tune_config=tune.TuneConfig(
                 metric=sweep.metric, mode=sweep.mode, num_samples=sweep.num_samples,
-                max_concurrent_trials=sweep.max_concurrent_trials, scheduler=build_scheduler(sweep),
-                search_alg=build_search_alg(sweep), time_budget_s=sweep.time_budget_s,
+                max_concurrent_trials=None if isinstance(alg, BasicVariantGenerator) else sweep.max_concurrent_trials,
+                scheduler=build_scheduler(sweep), search_alg=alg, time_budget_s=sweep.time_budget_s,
                 trial_dirname_creator=_trial_dirname),
             run_config=tune.RunConfig(
                 name=sweep.name, storage_path=str(storage_path), verbose=0 if quiet else 1,
-                checkpoint_config=tune.CheckpointConfig(num_to_keep=max(1, int(sweep.checkpoints_to_keep))),
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=checkpoints_to_keep(sweep)),
                 failure_config=tune.FailureConfig(max_failures=0)))
     grid = tuner.fit()
+    del grid        # the table is read back from disk, where interrupted trials are PENDING (not TERMINATED)
     wall = time.time() - t0
-    out = write_results(grid, sweep, exp_path, quiet=quiet)
-    statuses = _trial_statuses(grid)
-    unfinished = [t for t, s in statuses.items() if s not in ("TERMINATED", "ERROR")]
-    out.update(experiment_path=str(exp_path), complete=not unfinished, wall_s=round(wall, 1),
-               errors=int(grid.num_errors))
+    out = write_results(sweep, exp_path, quiet=quiet)
+    table = out["table"]
+    unfinished = [] if table.empty else table.loc[table["status"] == "unfinished", "trial_id"].tolist()
+    errors = 0 if table.empty else int((table["status"] == "error").sum())
+    out.update(experiment_path=str(exp_path), complete=not unfinished, wall_s=round(wall, 1), errors=errors)
     if not quiet:
-        print(f"sweep wall time {wall:.0f}s; {len(statuses) or len(out['table'])} trials, {grid.num_errors} errored")
+        print(f"sweep wall time {wall:.0f}s; {len(table)} trials, {errors} errored")
         if unfinished:
             print(f"sweep interrupted with {len(unfinished)} trials unfinished; continue it with:\n"
                   f"  python launch.py --tune {path} --storage {storage_path} --resume")

@@ -46,6 +46,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.func import functional_call, grad, vmap
 
 from ..models import build_model
 from ..synthesis.base import cpu_generator, make_normalizer, module_device
@@ -82,24 +83,53 @@ def _reduced(t: Tensor, reduce: str) -> Tensor:
     return t.flatten()
 
 
-def fisher_segments(probe: nn.Module, include_head: bool = False, reduce: str = "filter") -> list[int]:
+def fisher_segments(probe: nn.Module, include_head: bool = False, reduce: str = "none") -> list[int]:
     """Sizes of the parameter tensors' blocks in ``fisher_embedding``'s output (for per-tensor similarity)."""
     return [_reduced(p.detach(), reduce).numel() for _, p in _fisher_params(probe, include_head)]
 
 
+def _calibrated(probe: nn.Module, batches: list[Tensor]) -> nn.Module:
+    """A copy of ``probe`` in eval mode whose BN statistics are the averages over ``batches``.
+
+    Every BN layer gets fresh running buffers (also a probe built without them), accumulated with
+    ``momentum=None`` (an equal-weight average over the batches) from these images. With fixed
+    statistics BN is a per-sample affine map, so the network is one function of each image, whatever
+    batch it sits in, and per-sample gradients are exact and cheap (``vmap``). A random probe has no
+    meaningful statistics of its own; a zoo teacher's would describe its own training data.
+    """
+    net = copy.deepcopy(probe)
+    for m in net.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            dev = m.weight.device if m.weight is not None else batches[0].device
+            m.track_running_stats, m.momentum = True, None
+            m.register_buffer("running_mean", torch.zeros(m.num_features, device=dev))
+            m.register_buffer("running_var", torch.ones(m.num_features, device=dev))
+            m.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long, device=dev))
+    net.train()
+    with torch.no_grad():
+        for xb in batches:
+            net(xb)
+    return net.eval()
+
+
 def fisher_embedding(probe: nn.Module, images01: Tensor, labels: Tensor, mean: Sequence[float],
-                     std: Sequence[float], *, batch: int = 100, per_sample: bool = False, head_steps: int = 50,
+                     std: Sequence[float], *, batch: int = 50, per_sample: bool = True, head_steps: int = 50,
                      head_lr: float = 1e-2, seed: int = 0, include_head: bool = False,
-                     reduce: str = "filter", dtype: torch.dtype = torch.float32) -> Tensor:
+                     reduce: str = "none", dtype: torch.dtype = torch.float32) -> Tensor:
     """Diagonal empirical Fisher of ``probe`` on one teacher's recovered data, as one flat vector.
 
     ``images01``: [N, 3, S, S] in [0, 1] (any float dtype, e.g. ``Recovered.images``);
     ``labels``: relative labels 0..way-1. ``probe`` needs ``forward_features`` and a ``classifier``
-    ``nn.Linear`` head (every backbone in ``raydfml.models``); it is not modified: a copy gets a fresh
-    head (seeded), fitted for ``head_steps`` steps with the body frozen, see the module docstring.
-    ``seed`` fixes the head init and the batch shuffle. The result is on the probe's device, in
-    ``dtype``: float32 by default; squared gradients are tiny, so a 16-bit cache should be bfloat16
-    (float16 underflows below 6e-8), and the similarity should be computed in float32.
+    ``nn.Linear`` head (every backbone in ``raydfml.models``); it is not modified. A copy gets BN
+    statistics calibrated on these images (``_calibrated``) and a fresh head (seeded), fitted for
+    ``head_steps`` full-batch Adam steps at ``head_lr`` with the body frozen (see the module docstring).
+    The Fisher is ``mean_k (∇ℓ_k)²`` over samples (``per_sample=True``, Task2Vec) or the mean over
+    batches of the squared batch-mean gradient (``per_sample=False``, TGR), w.r.t. the body (plus the
+    head with ``include_head``); ``reduce="filter"`` averages each weight tensor over its output
+    channel (Task2Vec's filter-level embedding: far less noisy, and ~100x shorter), ``"none"`` keeps
+    every coordinate (TGR). ``seed`` fixes the head init and the batch shuffle. The result is on the
+    probe's device in ``dtype``: float32 by default; a 16-bit cache should be bfloat16 (squared
+    gradients underflow float16).
     """
     if reduce not in REDUCE:
         raise ValueError(f"fisher_embedding: reduce must be one of {REDUCE}, got {reduce!r}")
@@ -110,47 +140,50 @@ def fisher_embedding(probe: nn.Module, images01: Tensor, labels: Tensor, mean: S
         raise TypeError(f"the probe needs forward_features and an nn.Linear 'classifier'; "
                         f"{type(probe).__name__} has not")
     device = module_device(probe)
-    net = copy.deepcopy(probe).train().requires_grad_(True)
-    way = int(labels.max()) + 1
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(int(seed))
-        net.classifier = nn.Linear(head.in_features, way).to(device)
     x = make_normalizer(mean, std, device)(images01.detach().to(device, torch.float32))
     y = labels.detach().to(device, torch.int64)
     order = torch.randperm(len(y), generator=cpu_generator(seed)).to(device)
     batches = list(order.split(int(batch)))
+    net = _calibrated(probe, [x[b] for b in batches]).requires_grad_(True)
+    way = int(labels.max()) + 1
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(seed))
+        net.classifier = nn.Linear(head.in_features, way).to(device)
 
     if head_steps > 0:
         with torch.no_grad():
-            feats = torch.cat([net.forward_features(x[b]) for b in batches])
-        yb = torch.cat([y[b] for b in batches])
+            feats = net.forward_features(x)
         opt = torch.optim.Adam(net.classifier.parameters(), lr=head_lr)
         for _ in range(int(head_steps)):
-            loss = F.cross_entropy(net.classifier(feats), yb)
+            loss = F.cross_entropy(net.classifier(feats), y)
             grads = torch.autograd.grad(loss, list(net.classifier.parameters()))
             for p, g in zip(net.classifier.parameters(), grads):
                 p.grad = g
             opt.step()
 
-    named = _fisher_params(net, include_head)
-    params = [p for _, p in named]
-    fisher = [torch.zeros_like(p) for p in params]
+    names = [n for n, _ in _fisher_params(net, include_head)]
+    params = {n: p.detach() for n, p in net.named_parameters()}
+    buffers = dict(net.named_buffers())
+
+    def loss_of(fisher_params: dict, xb: Tensor, yb: Tensor) -> Tensor:
+        logits = functional_call(net, ({**params, **fisher_params}, buffers), (xb,))
+        return F.cross_entropy(logits, yb)
+
+    def sample_loss(fisher_params: dict, xk: Tensor, yk: Tensor) -> Tensor:
+        return loss_of(fisher_params, xk[None], yk[None])
+
+    wrt = {n: params[n] for n in names}
+    fisher = {n: torch.zeros_like(params[n]) for n in names}
+    per_sample_grad = vmap(grad(sample_loss), in_dims=(None, 0, 0))
     for b in batches:
-        logits = net(x[b])
         if per_sample:
-            losses = F.cross_entropy(logits, y[b], reduction="none")
-            eye = torch.eye(len(b), device=device, dtype=losses.dtype)
-            # One batched backward: row k of each result is the gradient of sample k's loss (through
-            # the shared batch statistics, exactly as the forward computed it).
-            grads = torch.autograd.grad(losses, params, grad_outputs=eye, is_grads_batched=True)
-            for acc, g in zip(fisher, grads):
-                acc += g.square().sum(0)
+            for n, g in per_sample_grad(wrt, x[b], y[b]).items():
+                fisher[n] += g.square().sum(0)
         else:
-            grads = torch.autograd.grad(F.cross_entropy(logits, y[b]), params)
-            for acc, g in zip(fisher, grads):
-                acc += g.square()
+            for n, g in grad(loss_of)(wrt, x[b], y[b]).items():
+                fisher[n] += g.square()
     count = len(y) if per_sample else len(batches)
-    return torch.cat([_reduced(f, reduce) for f in fisher]).div_(count).to(dtype)
+    return torch.cat([_reduced(fisher[n], reduce) for n in names]).div_(count).to(dtype)
 
 
 # -------------------------------------------------------------------------------------- similarity

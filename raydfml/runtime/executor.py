@@ -67,7 +67,7 @@ class RayExecutor:
         gpus = rt.actor_gpus if rt.actor_gpus is not None else gpu_fraction(n_actors)
         cpus = rt.actor_cpus if rt.actor_cpus is not None else actor_cpu_share(n_actors)
         self._pool_opts = dict(num_cpus=cpus, num_gpus=gpus, max_restarts=0)
-        strategy = getattr(rt, "pool_strategy", "default") or "default"
+        strategy = rt.pool_strategy or "default"
         if strategy.lower() not in ("default", "spread"):
             raise UserError(f"config runtime.pool_strategy={strategy!r}: choose default or spread")
         if strategy.lower() == "spread":          # one TeacherPool per node where possible (multi-node runs)

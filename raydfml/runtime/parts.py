@@ -33,14 +33,19 @@ def build_learner_for(cfg: ExperimentConfig, model: torch.nn.Module):
 
 
 def build_synthesizer(cfg: ExperimentConfig):
+    """The per-teacher synthesizer of the method; None for PURER, whose dataset lives in the MetaLearner."""
     sc = cfg.synth
-    if sc.name == "deepinv":
+    if sc.name == "pixel":
+        from ..synthesis.pixel import PixelInversion
+
+        return PixelInversion(image_size=image_size(cfg), per_class=sc.per_class, steps=sc.steps, lr=sc.lr_pixel)
+    if sc.name == "generator":
         from ..synthesis.deepinv import GeneratorInversion
 
         return GeneratorInversion(image_size=image_size(cfg), per_class=sc.per_class, steps=sc.steps,
                                   lr_generator=sc.lr_generator, lr_latent=sc.lr_latent, bn_weight=sc.bn_weight,
                                   ce_weight=sc.ce_weight, augment=sc.augment, nz=sc.nz, ngf=sc.ngf)
-    return None   # PURER's dataset lives in the MetaLearner; teacher-side it needs no object
+    return None
 
 
 def task_seed(*keys: int) -> int:
