@@ -272,8 +272,11 @@ def _resolve_point(sweep: Sweep, point: dict[str, Any], fixed: dict[str, Any]):
 
     overrides = dict(fixed)
     overrides.update({k: v for k, v in point.items() if k not in DIMENSIONS})
+    seed = point.get("seed", sweep.seed)
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise UserError(f"seed {seed!r}: must be an integer")
     return resolve(str(point.get("scenario", sweep.scenario)), str(point.get("method", sweep.method)),
-                   str(point.get("profile", sweep.profile)), overrides, seed=int(point.get("seed", sweep.seed)))
+                   str(point.get("profile", sweep.profile)), overrides, seed=seed)
 
 
 # ----------------------------------------------------------------------------- Tune objects

@@ -91,6 +91,7 @@ BASE = {"profile": "smoke", "space": {"method": {"grid": ["deepinv", "purer"]}}}
     ({"scheduler": "nope"}, "nope"),
     ({"resources": {"cpus": 1}}, "cpus"),
     ({"set": {"runtime.workers": 2}}, "resources"),
+    ({"seed": "x"}, "seed"),
 ])
 def test_bad_sweep_files_name_the_problem(tmp_path, change, needle):
     from raydfml.tune import load_sweep

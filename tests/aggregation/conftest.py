@@ -69,3 +69,21 @@ def train_teacher(classes, seed: int, steps: int = 30, batch: int = 32):
 @pytest.fixture(scope="session")
 def teachers():
     return [train_teacher(c, s) for c, s in zip(CLASS_SETS, TEACHER_SEEDS)]
+
+
+@pytest.fixture(scope="session")
+def probe_teacher():
+    """A trained zoo-like teacher on a class mix, used as a fixed (offline) probe network."""
+    return train_teacher(PROBE_CLASSES, 9)
+
+
+@pytest.fixture(scope="session")
+def teacher_data(teachers):
+    """Per teacher: real-ish images of its classes, labelled by the teacher's argmax (the stand-in for
+    its recovered task; inversion itself is tested under tests/synthesis)."""
+    out = []
+    for i, (t, c) in enumerate(zip(teachers, CLASS_SETS)):
+        x, _ = blob_images(c, 30, seed=100 + i)
+        with torch.no_grad():
+            out.append((x, t(normalize(x)).argmax(1)))
+    return out
