@@ -7,7 +7,7 @@ import torch
 from raydfml.aggregation.task_space import (fisher_embedding, fisher_segments, heterogeneous_groups, load_groups,
                                             make_probe, normalized_cut, save_groups, task_similarity)
 
-from conftest import CLASS_SETS, MEAN, STD, SIZE
+from agg_blobs import CLASS_SETS, MEAN, STD, SIZE
 
 
 def naive_similarity(e: torch.Tensor, eps: float = 1e-6, segments=None) -> torch.Tensor:
