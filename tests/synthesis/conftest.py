@@ -1,80 +1,10 @@
-"""A tiny conv4 teacher with meaningful BN statistics, trained in seconds on blob images.
-
-Five classes; each class is a fixed arrangement of three Gaussian blobs in a class colour; each
-image jitters positions and colour, draws its own background colour and adds noise.
-"""
+"""Fixtures of the synthesis tests: a tiny conv4 teacher with meaningful BN statistics, trained in
+seconds on blob images (helpers in synth_blobs.py)."""
 from __future__ import annotations
 
-import contextlib
-
 import pytest
-import torch
-import torch.nn.functional as F
 
-from raydfml.models import build_model
-
-MEAN = (0.5, 0.5, 0.5)
-STD = (0.29, 0.29, 0.29)
-SIZE = 32
-
-
-def blob_images(n_per_class: int, classes: int = 5, seed: int = 0, size: int = SIZE):
-    """Class = where three blobs sit and their (jittered) colour; the background colour is random per
-    image, so the BN statistics are broad, as with real images."""
-    g = torch.Generator().manual_seed(seed)
-    centres = torch.rand(classes, 3, 2, generator=torch.Generator().manual_seed(1234)) * (size - 12) + 6
-    colours = torch.rand(classes, 3, generator=torch.Generator().manual_seed(4321))
-    yy, xx = torch.meshgrid(torch.arange(size).float(), torch.arange(size).float(), indexing="ij")
-    xs, ys = [], []
-    for c in range(classes):
-        pos = centres[c].unsqueeze(0) + torch.randn(n_per_class, 3, 2, generator=g) * 1.5
-        d2 = (yy.view(1, 1, size, size) - pos[..., 0, None, None]) ** 2 + \
-             (xx.view(1, 1, size, size) - pos[..., 1, None, None]) ** 2
-        blobs = torch.exp(-d2 / (2 * 3.0 ** 2)).amax(1, keepdim=True)          # [n, 1, S, S]
-        fg = (colours[c].view(1, 3, 1, 1) + torch.randn(n_per_class, 3, 1, 1, generator=g) * 0.1).clamp(0, 1)
-        bg = torch.rand(n_per_class, 3, 1, 1, generator=g)
-        img = bg + (fg - bg) * blobs + torch.randn(n_per_class, 3, size, size, generator=g) * 0.05
-        xs.append(img.clamp(0, 1))
-        ys.append(torch.full((n_per_class,), c))
-    return torch.cat(xs), torch.cat(ys)
-
-
-def train_blob_teacher(seed: int = 0, steps: int = 80, classes: int = 5, batch: int = 32):
-    x, y = blob_images(40, classes, seed=seed)
-    mean = torch.tensor(MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(STD).view(1, 3, 1, 1)
-    xn = (x - mean) / std
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = build_model("conv4", num_classes=classes, image_size=SIZE)
-    opt = torch.optim.Adam(model.parameters(), lr=0.005)
-    g = torch.Generator().manual_seed(seed)
-    model.train()
-    for _ in range(steps):
-        idx = torch.randint(0, len(x), (batch,), generator=g)
-        loss = F.cross_entropy(model(xn[idx]), y[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    # The running averages from training are what a real teacher has, so keep them.
-    opt.zero_grad(set_to_none=True)
-    model.eval().requires_grad_(False)
-    xt, yt = blob_images(40, classes, seed=seed + 100)
-    with torch.no_grad():
-        acc = (model((xt - mean) / std).argmax(1) == yt).float().mean().item()
-    return model, acc
-
-
-@contextlib.contextmanager
-def one_thread():
-    # On a small shared CPU, torch's intra-op threads oversubscribe it and tiny convolutions get
-    # an order of magnitude slower; one thread is the fastest setting for these sizes.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+from synth_blobs import one_thread, train_blob_teacher
 
 
 @pytest.fixture(scope="module", autouse=True)

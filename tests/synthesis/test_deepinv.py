@@ -6,7 +6,7 @@ from raydfml.models import build_model
 from raydfml.synthesis import GeneratorInversion, Recovered
 from raydfml.synthesis.deepinv import adversarial_kl
 
-from conftest import MEAN, STD
+from synth_blobs import MEAN, STD
 
 CLASSES = (40, 3, 17, 8, 25)          # the teacher's global ids, in head order (deliberately unsorted)
 # A small generator and batch keep this under a few seconds on a busy CPU; the defaults are the

@@ -9,7 +9,7 @@ from raydfml.synthesis import Recovered
 from raydfml.synthesis.base import cpu_generator
 from raydfml.synthesis.free import MetaGenerator, adapt_generator, generator_from_state, recover_until
 
-from conftest import MEAN, STD
+from synth_blobs import MEAN, STD
 
 CLASSES = (40, 3, 17, 8, 25)          # global ids in head order (deliberately unsorted)
 # A narrow generator and 4 images per class keep every test at a few seconds on a busy CPU; the

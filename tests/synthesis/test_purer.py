@@ -4,7 +4,7 @@ import torch
 from raydfml.errors import UserError
 from raydfml.synthesis import PurerDataset, purer_teacher_loss
 
-from conftest import MEAN, STD
+from synth_blobs import MEAN, STD
 
 # The blob teacher's head j is the global class TEACHER[j]; deliberately not sorted.
 TEACHER = (42, 7, 19, 3, 30)
