@@ -103,7 +103,6 @@ class RuntimeConfig:
     address: str | None = None          # Ray address; None starts a local instance
     actor_cpus: float | None = None     # None: the cluster's CPUs shared among the actors (<= 1 each)
     actor_gpus: float | None = None      # None: share the cluster's GPUs among the actors
-    pool_strategy: str = "default"      # TeacherPool actor placement: default | spread (one per node, best effort)
     pool_strategy: str = "default"      # "spread": place TeacherPool actors on different nodes where possible
     meta_threads: int = 1               # torch threads of the MetaLearner on CPU (more oversubscribe small cores)
 

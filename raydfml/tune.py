@@ -24,7 +24,8 @@ A sweep file (YAML) names the experiments to compare and how to search them::
       actor_cpus: 0.35               # each TeacherPool actor and the MetaLearner actor
       gpus_per_trial: auto           # auto: the cluster's GPUs / max_concurrent_trials (0 without GPUs)
 
-Space entries are ``{grid: [...]}``, ``{choice: [...]}``, ``{uniform: [lo, hi]}``,
+Space entries are ``{grid: [...]}``, ``{choice: [...]}`` (for scenario, method and profile also
+``{grid: all}``: every preset raydfml.config registers), ``{uniform: [lo, hi]}``,
 ``{loguniform: [lo, hi]}``, ``{quniform: [lo, hi, q]}``, ``{qloguniform: [lo, hi, q]}``,
 ``{randint: [lo, hi]}``, ``{qrandint: [lo, hi, q]}``, ``{lograndint: [lo, hi]}`` or a plain value.
 
@@ -133,7 +134,7 @@ def load_sweep(path: str | os.PathLike, overrides: dict[str, Any] | None = None)
     kw["name"] = str(raw.get("name") or p.stem)
     kw["source"] = str(p.resolve())
     kw["fixed"] = {**dict(raw.get("set") or {}), **dict(overrides or {})}
-    kw["space"] = dict(raw.get("space") or {})
+    kw["space"] = _expand_all(dict(raw.get("space") or {}))
     for key in ("scheduler", "search_alg"):
         val = raw.get(key)
         if val is None:
@@ -147,6 +148,22 @@ def load_sweep(path: str | os.PathLike, overrides: dict[str, Any] | None = None)
     sweep = Sweep(**kw)
     check_sweep(sweep, where)
     return sweep
+
+
+def _expand_all(space: dict[str, Any]) -> dict[str, Any]:
+    """``{grid: all}`` / ``{choice: all}`` for scenario, method or profile: every registered preset,
+    so a comparison sweep picks up methods and scenarios as they are added to raydfml.config."""
+    from .config import METHODS, PROFILES, SCENARIOS
+
+    registry = {"scenario": SCENARIOS, "method": METHODS, "profile": PROFILES}
+    out = dict(space)
+    for key, reg in registry.items():
+        spec = out.get(key)
+        if isinstance(spec, dict) and len(spec) == 1:
+            kind, args = next(iter(spec.items()))
+            if kind in CATEGORICAL and args == "all":
+                out[key] = {kind: list(reg)}
+    return out
 
 
 def _absolute_paths(fixed: dict[str, Any]) -> dict[str, Any]:
@@ -780,7 +797,8 @@ def run_sweep(path: str, num_samples: int | None = None, storage: str | None = N
                 metric=sweep.metric, mode=sweep.mode, num_samples=sweep.num_samples,
                 max_concurrent_trials=None if isinstance(alg, BasicVariantGenerator) else sweep.max_concurrent_trials,
                 scheduler=build_scheduler(sweep), search_alg=alg, time_budget_s=sweep.time_budget_s,
-                trial_dirname_creator=_trial_dirname),
+                trial_dirname_creator=_trial_dirname,
+                reuse_actors=True),          # the next trial reuses a finished trial's process (and imports)
             run_config=tune.RunConfig(
                 name=sweep.name, storage_path=str(storage_path), verbose=0 if quiet else 1,
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=checkpoints_to_keep(sweep)),

@@ -58,6 +58,16 @@ def test_shipped_sweeps_cover_the_issue():
     assert any({"scenario", "method"} <= set(s.space) for s in sweeps.values()), "a method x scenario sweep"
 
 
+def test_grid_all_expands_to_every_registered_preset(tmp_path):
+    from raydfml.config import METHODS, SCENARIOS
+    from raydfml.tune import load_sweep, trial_points
+
+    sweep = load_sweep(_write(tmp_path, {"profile": "smoke", "space": {"scenario": {"grid": "all"},
+                                                                       "method": {"choice": "all"}}}))
+    assert sweep.space == {"scenario": {"grid": list(SCENARIOS)}, "method": {"choice": list(METHODS)}}
+    assert len(trial_points(sweep)) == len(SCENARIOS) * len(METHODS)
+
+
 def test_smoke_sweep_shape():
     from raydfml.tune import load_sweep, trial_points, trial_shares
 
@@ -144,7 +154,7 @@ def test_smoke_sweep_writes_one_table_of_all_trials(sweep_data, ray_session, tmp
                 "test_acc_5shot", "test_ci95_5shot", "wall_s", "rounds_done"]:
         assert col in df.columns, col
     done = df[df["status"] == "completed"]
-    assert len(done) >= 2 and set(df["status"]) <= {"completed", "stopped early"}
+    assert len(done) >= 1 and set(df["status"]) <= {"completed", "stopped early"}   # ASHA may stop any but the first
     assert (done["rounds_done"] == 4).all() and done["test_acc_1shot"].between(0, 100).all()
     assert (df["stopped_early"] == (df["status"] == "stopped early")).all()
     assert (df.loc[df["stopped_early"], "rounds_done"] < 4).all()
