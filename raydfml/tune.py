@@ -491,7 +491,7 @@ def run_trial(config: dict[str, Any], base: dict[str, Any]) -> None:
 
     from .baselines import evaluate_final
     from .report import RunReport
-    from .runtime.driver import CHECKPOINT, train
+    from .runtime.driver import CHECKPOINT, run_summary, train
     from .runtime.pool import existing_pool
     from .utils import seed_everything
 
@@ -553,10 +553,7 @@ def run_trial(config: dict[str, Any], base: dict[str, Any]) -> None:
         eval_cfg = copy.deepcopy(cfg)
         eval_cfg.runtime.workers = 0         # in this process: Ray tasks would not fit the trial's bundles
         results = evaluate_final(eval_cfg, trained, entries, progress=False)
-        results.update({"scenario": cfg.scenario, "method": cfg.method, "profile": cfg.profile, "seed": cfg.seed,
-                        "wall_s": round(time.time() - t0, 1), "meta_updates": trained["meta_updates"],
-                        "best_val": trained["best_val"], "best_round": trained["best_round"],
-                        "actors_replaced": trained["actors_replaced"], "run_dir": str(run_dir)})
+        results.update(run_summary(cfg, trained, t0, run_dir))
         report.finish(results)
     finally:
         report.close()

@@ -143,6 +143,14 @@ def _purer_round(ex, ml, r: int, shares: list[list[int]], entries, loss_cfg: dic
     return out
 
 
+def run_summary(cfg: ExperimentConfig, trained: dict, t_start: float, run_dir: Path) -> dict:
+    """The results.json fields that describe the run itself (shared by launch.py and Tune trials)."""
+    return {"scenario": cfg.scenario, "method": cfg.method, "profile": cfg.profile, "seed": cfg.seed,
+            "wall_s": round(time.time() - t_start, 1), "meta_updates": trained["meta_updates"],
+            "best_val": trained["best_val"], "best_round": trained["best_round"],
+            "actors_replaced": trained["actors_replaced"], "run_dir": str(run_dir)}
+
+
 def run_experiment(cfg: ExperimentConfig, resume: bool = False, progress: bool = True) -> dict:
     """Everything ``launch.py`` does for one experiment; returns the results dict also written to disk."""
     from ..baselines import evaluate_final
@@ -166,10 +174,7 @@ def run_experiment(cfg: ExperimentConfig, resume: bool = False, progress: bool =
     try:
         trained = train(cfg, run_dir, report, resume=resume, progress=progress, entries=entries)
         results = evaluate_final(cfg, trained, entries, progress=progress)
-        results.update({"scenario": cfg.scenario, "method": cfg.method, "profile": cfg.profile, "seed": cfg.seed,
-                        "wall_s": round(time.time() - t_start, 1), "meta_updates": trained["meta_updates"],
-                        "best_val": trained["best_val"], "best_round": trained["best_round"],
-                        "actors_replaced": trained["actors_replaced"], "run_dir": str(run_dir)})
+        results.update(run_summary(cfg, trained, t_start, run_dir))
         report.finish(results)
     finally:
         report.close()

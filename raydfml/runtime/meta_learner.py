@@ -19,6 +19,7 @@ from ..config import ExperimentConfig
 from ..data.augment import augment
 from ..data.layout import load_split
 from ..data.registry import get_spec
+from ..synthesis.base import make_normalizer
 from .bank import TaskMemoryBank
 from .parts import build_learner_for, build_meta_model, task_seed
 
@@ -59,9 +60,7 @@ class MetaLearner:
         return True
 
     def _normalize(self, x01: torch.Tensor) -> torch.Tensor:
-        mean = torch.tensor(self.spec.mean, device=x01.device).view(1, 3, 1, 1)
-        std = torch.tensor(self.spec.std, device=x01.device).view(1, 3, 1, 1)
-        return (x01 - mean) / std
+        return make_normalizer(self.spec.mean, self.spec.std, x01.device)(x01)
 
     def _step(self, grads: dict[str, torch.Tensor]) -> None:
         self.opt.zero_grad(set_to_none=True)

@@ -15,6 +15,7 @@ import torch
 from ..config import ExperimentConfig
 from ..data.augment import augment
 from ..data.registry import get_spec
+from ..synthesis.base import make_normalizer
 from ..data.transforms import normalize
 from ..zoo import load_teacher
 from .parts import build_learner_for, build_meta_model, build_synthesizer, task_seed
@@ -51,9 +52,7 @@ class TeacherPool:
         return self.teachers[index]
 
     def _normalize(self, x01: torch.Tensor) -> torch.Tensor:
-        mean = torch.tensor(self.spec.mean, device=x01.device).view(1, 3, 1, 1)
-        std = torch.tensor(self.spec.std, device=x01.device).view(1, 3, 1, 1)
-        return (x01 - mean) / std
+        return make_normalizer(self.spec.mean, self.spec.std, x01.device)(x01)
 
     def _params(self, theta: np.ndarray) -> dict[str, torch.Tensor]:
         from ..learners import unflatten
