@@ -24,6 +24,10 @@ class DataConfig:
     dataset: str = "glyphs"
     data_root: str = "data"
     image_size: int | None = None       # None: the dataset's own size
+    # Scenario md: the datasets (domains) of the pool, each with its own meta-train/val/test split and
+    # one zoo per (domain, architecture). Empty: the pool is on ``dataset`` alone. When set, ``dataset``
+    # is the first domain: it names the meta-model's input normalisation.
+    domains: tuple[str, ...] = ()
 
 
 @dataclass
@@ -41,7 +45,7 @@ class PoolConfig:
 
 @dataclass
 class SynthConfig:
-    name: str = "pixel"                 # pixel (DeepInversion) | generator (TGR's recovery) | purer
+    name: str = "pixel"                 # pixel (DeepInversion) | generator (TGR's recovery) | purer | free
     per_class: int = 20                 # recovered images per class per teacher
     steps: int = 200                    # inversion steps per teacher visit (pixel, generator)
     lr_pixel: float = 0.25              # Adam lr of pixel-space inversion (PURER's data lr)
@@ -57,6 +61,24 @@ class SynthConfig:
     adv_start: int = 4000
     patience: int = 6
     adv_scale: float = 10.0
+    # FREE's meta-generator: adapted to each teacher in ``steps`` (FREE: 5) steps; ``warmup`` rounds
+    # meta-train only the generator; ``meta_lr`` is the persistent meta-Adam's; ``adv_weight`` the
+    # adversarial KL term's weight after warm-up.
+    warmup: int = 20
+    meta_lr: float = 1e-3
+    adv_weight: float = 1.0
+
+
+@dataclass
+class AggregationConfig:
+    """How the MetaLearner turns the round's per-teacher work into one meta-update."""
+    rule: str = "mean"                  # mean | free (sequential Reptile alignment) | tgr (grouped IGR)
+    free_scale: float = 67.0            # FREE: meta-gradient = scale * (theta - theta_copy)
+    tgr_groups: int = 5                 # TGR: heterogeneous groups over all teachers
+    tgr_eta: float = 1e-3               # TGR: displacement lr of the implicit gradient regularisation
+    tgr_form: str = "first_order"       # first_order (across actors, 2 phases) | exact (second order, MetaLearner)
+    tgr_regroup_every: int = 0          # re-embed and re-group every R rounds (0: groups fixed, as TGR)
+    tgr_probe: str = "random"           # Fisher probe: random (seeded Conv4) | teacher (pool teacher 0's body)
 
 
 @dataclass
@@ -120,6 +142,7 @@ class ExperimentConfig:
     learner: LearnerConfig = field(default_factory=LearnerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    aggregate: AggregationConfig = field(default_factory=AggregationConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -134,8 +157,18 @@ class ExperimentConfig:
 # --- presets -------------------------------------------------------------------------------------
 
 SCENARIOS: dict[str, dict[str, Any]] = {
+    # one dataset, one architecture
     "mr": {"pool.archs": ("conv4",)},
+    # one dataset, three architectures (the ResNets' width is the profile's pool.width: narrowed on CPU)
+    "ma": {"pool.archs": ("conv4", "resnet10", "resnet18")},
+    # several datasets (on the embedded default: glyph scripts with disjoint classes), one architecture;
+    # the meta-model pools adaptively so it takes every domain's image size
+    "md": {"pool.archs": ("conv4",), "learner.adaptive_pool": True,
+           "data.domains": ("glyphs-latin", "glyphs-greek", "glyphs-cyrillic", "glyphs-armenian")},
 }
+
+# The method `launch.py --scenario S` runs when --method is not given.
+DEFAULT_METHOD = {"mr": "deepinv", "ma": "free", "md": "free"}
 
 METHODS: dict[str, dict[str, Any]] = {
     # DeepInversion per teacher (pixel space, the probe's recipe), per-teacher distillation gradients
@@ -145,6 +178,12 @@ METHODS: dict[str, dict[str, Any]] = {
     "geninv": {"synth.name": "generator"},
     # PURER: one learnable synthetic dataset inverted from all teachers with the episode curriculum.
     "purer": {"synth.name": "purer", "synth.per_class": 20, "train.kd_steps": 0},
+    # FREE: a meta-generator adapted to each teacher in 5 steps, the round's tasks aligned by sequential
+    # Reptile steps on a copy of the meta-model (meta-gradient = scale * (theta - theta_copy)).
+    "free": {"synth.name": "free", "synth.steps": 5, "synth.bn_weight": 0.0, "aggregate.rule": "free"},
+    # TGR: per-teacher generator recovery; teachers grouped by task dissimilarity (Fisher embeddings);
+    # one group per round, its task gradients regularised toward agreement (IGR).
+    "tgr": {"synth.name": "generator", "aggregate.rule": "tgr"},
 }
 
 PROFILES: dict[str, dict[str, Any]] = {
@@ -155,6 +194,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "train.val_tasks": 5, "train.test_tasks": 10, "train.bank_per_class": 20,
         "learner.inner_steps": 1, "learner.test_inner_steps": 2, "learner.meta_batch": 2,
         "learner.train_shot": 1, "learner.train_query": 3,
+        "pool.width": 0.125, "synth.warmup": 1, "aggregate.tgr_groups": 2,
     },
     # The CPU default: minutes on 2 cores. Pixel inversion runs 15 steps (glyph conv4 teachers reach
     # 100% on their images within ~10 at lr 0.25); the geninv method's generator is narrowed to ngf 16
@@ -170,6 +210,9 @@ PROFILES: dict[str, dict[str, Any]] = {
         "train.rounds": 12, "train.teachers_per_round": 2, "train.replay_batches": 8, "train.eval_every": 4,
         "train.val_tasks": 60, "train.test_tasks": 600, "learner.train_query": 10,
         "synth.adv_start": 6, "synth.patience": 6,
+        # ma: ResNet teachers at a quarter of the seeds' width (conv4 is never narrowed); FREE's warm-up
+        # shortened from 20 rounds to 4.
+        "pool.width": 0.25, "synth.warmup": 4, "aggregate.tgr_groups": 3,
     },
     "paper": {
         "pool.num_per_arch": 100, "pool.epochs": 60,
@@ -230,11 +273,16 @@ def apply_overrides(cfg: ExperimentConfig, overrides: dict[str, Any]) -> Experim
     return cfg
 
 
-def resolve(scenario: str = "mr", method: str = "deepinv", profile: str = "quick",
+def resolve(scenario: str = "mr", method: str | None = "deepinv", profile: str = "quick",
             overrides: dict[str, Any] | None = None, seed: int = 0) -> ExperimentConfig:
-    """Build the config for ``scenario x method x profile`` and apply ``overrides`` last."""
+    """Build the config for ``scenario x method x profile`` and apply ``overrides`` last.
+
+    ``method=None`` takes the scenario's default (``DEFAULT_METHOD``).
+    """
     if scenario not in SCENARIOS:
         raise UserError(f"--scenario {scenario!r}: choose one of {', '.join(SCENARIOS)}")
+    if method is None:
+        method = DEFAULT_METHOD[scenario]
     if method not in METHODS:
         raise UserError(f"--method {method!r}: choose one of {', '.join(METHODS)}")
     if profile not in PROFILES:
@@ -246,6 +294,8 @@ def resolve(scenario: str = "mr", method: str = "deepinv", profile: str = "quick
     for layer in layers:
         apply_overrides(cfg, layer)
     apply_overrides(cfg, overrides or {})
+    if cfg.data.domains:
+        cfg.data.dataset = cfg.data.domains[0]
     validate(cfg)
     return cfg
 
@@ -266,7 +316,24 @@ def validate(cfg: ExperimentConfig) -> None:
             raise UserError(f"config architecture {arch!r}: choose one of {', '.join(ARCHS)}")
     if lc.name not in ("maml", "anil", "protonet", "reptile"):
         raise UserError(f"config learner.name={lc.name!r}: choose maml, anil, protonet or reptile")
-    if cfg.synth.name not in ("pixel", "generator", "purer"):
-        raise UserError(f"config synth.name={cfg.synth.name!r}: choose pixel, generator or purer")
+    if cfg.synth.name not in ("pixel", "generator", "purer", "free"):
+        raise UserError(f"config synth.name={cfg.synth.name!r}: choose pixel, generator, purer or free")
+    ag = cfg.aggregate
+    if ag.rule not in ("mean", "free", "tgr"):
+        raise UserError(f"config aggregate.rule={ag.rule!r}: choose mean, free or tgr")
+    if ag.rule == "free" and cfg.synth.name != "free":
+        raise UserError("config aggregate.rule=free needs synth.name=free (the alignment runs on FREE's recovered tasks)")
+    if ag.tgr_form not in ("first_order", "exact"):
+        raise UserError(f"config aggregate.tgr_form={ag.tgr_form!r}: choose first_order or exact")
+    if ag.tgr_probe not in ("random", "teacher"):
+        raise UserError(f"config aggregate.tgr_probe={ag.tgr_probe!r}: choose random or teacher")
+    if ag.rule == "tgr" and ag.tgr_groups < 1:
+        raise UserError(f"config aggregate.tgr_groups={ag.tgr_groups}: must be at least 1")
+    if ag.rule in ("free", "tgr") and cfg.train.kd_steps < 1:
+        raise UserError(f"config train.kd_steps=0: aggregate.rule={ag.rule} needs the per-teacher step (kd_steps >= 1)")
+    if cfg.synth.name == "free" and cfg.synth.warmup < 0:
+        raise UserError(f"config synth.warmup={cfg.synth.warmup}: must be 0 or more")
+    for d in cfg.data.domains:
+        get_spec(d)
     if cfg.runtime.workers < 0:
         raise UserError(f"--workers {cfg.runtime.workers}: must be 0 (in-process) or more")
