@@ -6,6 +6,11 @@ Baselines (DESIGN.md "Evaluation protocol"):
   meta-model's architecture and width);
 - ``with_data``: the same learner meta-trained on *real* meta-train episodes for the same number of
   meta-updates: the upper bound data-free methods chase.
+
+Scenario md (``data.domains``): every model x shot cell is meta-tested on each domain's meta_test
+split, on the same seeded tasks per domain for every model (``meta_test_domains``); ``meta_test`` and
+``baselines`` then hold the mean over domains (:func:`mean_over_domains`). The with-data baseline
+meta-trains on episodes drawn round-robin from every domain's meta_train split.
 """
 from __future__ import annotations
 
@@ -21,6 +26,7 @@ from .data.episodes import EpisodeSampler
 from .data.layout import load_split
 from .data.transforms import normalize
 from .runtime.parts import build_learner_for, build_meta_model, task_seed
+from .runtime.pool import pool_datasets
 from .utils import resolve_device
 
 
@@ -43,26 +49,44 @@ def teacher_average_params(cfg: ExperimentConfig, entries) -> tuple[dict | None,
         return None, f"teacher_average skipped: {exc}"
 
 
-def train_with_data(cfg: ExperimentConfig, meta_updates: int, device: torch.device, progress: bool = False):
-    """Meta-train the same learner on real meta-train episodes for ``meta_updates`` outer steps."""
+def with_data_episodes(cfg: ExperimentConfig):
+    """Endless real meta-train episodes for the with-data baseline, as ``(dataset, spec, episode)``.
+
+    One dataset: its seeded sampler's episodes 0, 1, 2, ... md: round-robin over the domains, episode
+    k from domain ``k % D`` (its sampler's episode ``k // D``), so every meta-batch mixes domains
+    evenly; each domain has its own seeded sampler (domain 0's seed is the single-dataset one).
+    """
     lc, tr = cfg.learner, cfg.train
-    split = load_split(Path(cfg.data.data_root).resolve(), cfg.data.dataset, "meta_train",
-                       image_size=cfg.data.image_size)
-    sampler = EpisodeSampler(split, way=tr.way, shot=lc.train_shot, query=lc.train_query, seed=task_seed(cfg.seed, 31))
+    root = Path(cfg.data.data_root).resolve()
+    datasets = pool_datasets(cfg)
+    splits = [load_split(root, d, "meta_train", image_size=cfg.data.image_size) for d in datasets]
+    samplers = [EpisodeSampler(split, way=tr.way, shot=lc.train_shot, query=lc.train_query,
+                               seed=task_seed(cfg.seed, 31, d) if d else task_seed(cfg.seed, 31))
+                for d, split in enumerate(splits)]
+    k = 0
+    while True:
+        d = k % len(splits)
+        yield datasets[d], splits[d].spec, samplers[d].episode(k // len(splits))
+        k += 1
+
+
+def train_with_data(cfg: ExperimentConfig, meta_updates: int, device: torch.device, progress: bool = False):
+    """Meta-train the same learner on real meta-train episodes for ``meta_updates`` outer steps
+    (md: episodes of every domain, see :func:`with_data_episodes`)."""
+    lc = cfg.learner
+    episodes = with_data_episodes(cfg)
     params = {n: p.to(device).requires_grad_(True) for n, p in random_init_params(cfg).items()}
     model = build_meta_model(cfg).to(device)
     learner = build_learner_for(cfg, model)
     opt = torch.optim.Adam(list(params.values()), lr=lc.outer_lr)
     from .learners import Task
 
-    k = 0
     for _ in tqdm(range(meta_updates), desc="with-data baseline", unit="step", disable=not progress):
         total: dict[str, torch.Tensor] = {}
         for _ in range(lc.meta_batch):
-            ep = sampler.episode(k)
-            k += 1
-            task = Task(normalize(ep.support, split.spec, device), ep.support_labels.to(device),
-                        normalize(ep.query, split.spec, device), ep.query_labels.to(device))
+            _, spec, ep = next(episodes)
+            task = Task(normalize(ep.support, spec, device), ep.support_labels.to(device),
+                        normalize(ep.query, spec, device), ep.query_labels.to(device))
             g, _ = learner.meta_grads(params, task)
             for n, v in g.items():
                 total[n] = total.get(n, 0) + v.detach()
@@ -81,20 +105,38 @@ def _with_data_task(cfg_dict: dict, meta_updates: int) -> dict:
     return train_with_data(cfg, meta_updates, worker_device(cfg.runtime.device))
 
 
-def _evaluate_one(cfg_dict: dict, params: dict, shot: int, device: str | None = None) -> dict:
-    """One (model, shot) cell of the results table; a Ray task body when workers > 0."""
+def _evaluate_one(cfg_dict: dict, params: dict, shot: int, device: str | None = None,
+                  dataset: str | None = None) -> dict:
+    """One (model, shot) cell of the results table on ``dataset``'s meta_test (default ``data.dataset``;
+    md: one call per domain, same task seed); a Ray task body when workers > 0."""
     from .evaluation import evaluate
     from .runtime.cluster import worker_device
 
     cfg = ExperimentConfig.from_dict(cfg_dict)
     dev = torch.device(device) if device else worker_device(cfg.runtime.device)
-    split = load_split(Path(cfg.data.data_root).resolve(), cfg.data.dataset, "meta_test",
+    split = load_split(Path(cfg.data.data_root).resolve(), dataset or cfg.data.dataset, "meta_test",
                        image_size=cfg.data.image_size)
     learner = build_learner_for(cfg, build_meta_model(cfg).to(dev))
     tr = cfg.train
     res = evaluate(learner, {n: v.to(dev) for n, v in params.items()}, split, way=tr.way, shot=shot,
                    query=tr.query, tasks=tr.test_tasks, seed=task_seed(cfg.seed, 4099), device=dev)
     return res.record()
+
+
+def mean_over_domains(records: list[dict]) -> dict:
+    """md's headline record of one model x setting from its per-domain records: ``accuracy`` the mean
+    of the domain accuracies, ``ci95 = sqrt(sum_d ci95_d^2) / D`` (the 95% half-width of a mean of D
+    independent estimates: each domain has its own task set), ``tasks`` the per-domain task count."""
+    if not records:
+        raise ValueError("no per-domain records to average")
+    first = records[0]
+    for r in records[1:]:
+        if (r["way"], r["shot"], r["tasks"]) != (first["way"], first["shot"], first["tasks"]):
+            raise ValueError(f"per-domain records differ in setting: {first} vs {r}")
+    d = len(records)
+    return {"way": int(first["way"]), "shot": int(first["shot"]), "tasks": int(first["tasks"]),
+            "accuracy": float(np.mean([r["accuracy"] for r in records])),
+            "ci95": float(np.sqrt(sum(float(r["ci95"]) ** 2 for r in records)) / d)}
 
 
 def evaluate_final(cfg: ExperimentConfig, trained: dict, entries, progress: bool = True) -> dict:
@@ -122,21 +164,29 @@ def evaluate_final(cfg: ExperimentConfig, trained: dict, entries, progress: bool
             models["with_data"] = train_with_data(cfg, trained["meta_updates"], device, progress)
     t_wd = time.time() - t_wd
 
-    cells = [(name, shot) for name in models for shot in cfg.train.test_shots]
+    datasets = pool_datasets(cfg)       # md: every domain's meta_test; else data.dataset alone
+    cells = [(name, shot, ds) for name in models for shot in cfg.train.test_shots for ds in datasets]
     cfg_dict = cfg.to_dict()
     if cfg.runtime.workers > 0:
         import ray
 
         task = ray.remote(_evaluate_one).options(num_cpus=1, num_gpus=0)
-        refs = [task.remote(cfg_dict, {n: v.cpu() for n, v in models[name].items()}, shot) for name, shot in cells]
+        refs = [task.remote(cfg_dict, {n: v.cpu() for n, v in models[name].items()}, shot, None, ds)
+                for name, shot, ds in cells]
         records = []
         for ref in tqdm(refs, desc="meta-test", unit="cell", disable=not progress):
             records.append(ray.get(ref))
     else:
-        records = [_evaluate_one(cfg_dict, models[name], shot, str(device))
-                   for name, shot in tqdm(cells, desc="meta-test", unit="cell", disable=not progress)]
-    by_model: dict[str, list[dict]] = {}
-    for (name, _), rec in zip(cells, records):
-        by_model.setdefault(name, []).append(rec)
+        records = [_evaluate_one(cfg_dict, models[name], shot, str(device), ds)
+                   for name, shot, ds in tqdm(cells, desc="meta-test", unit="cell", disable=not progress)]
+    by_domain: dict[str, dict[str, list[dict]]] = {ds: {} for ds in datasets}
+    for (name, _, ds), rec in zip(cells, records):
+        by_domain[ds].setdefault(name, []).append(rec)
+    if cfg.data.domains:
+        by_model = {name: [mean_over_domains([by_domain[ds][name][i] for ds in datasets])
+                           for i in range(len(cfg.train.test_shots))] for name in models}
+    else:
+        by_model = dict(by_domain[datasets[0]])
     return {"meta_test": by_model.pop(cfg.method), "baselines": by_model, "notes": notes,
-            "time/with_data_s": round(t_wd, 1), "time/meta_test_s": round(time.time() - t0 - t_wd, 1)}
+            "time/with_data_s": round(t_wd, 1), "time/meta_test_s": round(time.time() - t0 - t_wd, 1),
+            **({"meta_test_domains": by_domain} if cfg.data.domains else {})}

@@ -6,6 +6,7 @@ Layout of ``run_dir``::
     metrics.csv      one row per round: "round" then the union of all metric keys ever logged
     tb/              tensorboardX event files: scalars (tags = metric keys), image grids, the config
     results.md       Markdown table: rows = models (method, then baselines), cols "5-way 1-shot", ...
+                     (scenario md: the mean over domains, then one such table per domain)
     results.csv      the same results, numeric and long: model, way, shot, tasks, accuracy, ci95
     meta_val.png     meta-val accuracy (metrics column "val/acc") over rounds, when logged
     results.json     written last and atomically: its presence means the run completed
@@ -153,6 +154,18 @@ def format_markdown(df: pd.DataFrame, index: bool = True) -> str:
     return "\n".join([line(header), sep, *(line(r) for r in rows)])
 
 
+def domain_tables(results: Mapping) -> dict[str, pd.DataFrame]:
+    """Scenario md: :func:`results_table` of each domain's own meta-test (``results["meta_test_domains"]``,
+    ``{domain: {model: [records]}}``), in the domains' order; ``{}`` when the results have none."""
+    method = str(results.get("method", "method"))
+    tables = {}
+    for domain, per_model in (results.get("meta_test_domains") or {}).items():
+        per_model = dict(per_model or {})
+        tables[str(domain)] = results_table({"method": method, "meta_test": per_model.pop(method, None),
+                                             "baselines": per_model})
+    return tables
+
+
 def _results_markdown(results: Mapping) -> str:
     title = " · ".join(str(results[k]) for k in ("scenario", "method", "profile") if k in results)
     tasks = sorted({int(r.get("tasks", 0)) for _, recs in _models(results) for r in recs or []})
@@ -161,6 +174,13 @@ def _results_markdown(results: Mapping) -> str:
              "Mean query accuracy (%) ± 95% CI (1.96·std/√n, sample std) over "
              + (", ".join(map(str, tasks)) or "?") + " fixed, seeded meta-test tasks; every model is scored on "
              "the same tasks."]
+    tables = domain_tables(results)
+    if tables:
+        lines[-1] += (" Scenario md: the table is the mean over the " + str(len(tables)) + " domains below "
+                      "(accuracy: mean of the domain accuracies; ± sqrt(Σ ci²)/D; tasks per domain).")
+        for domain, table in tables.items():
+            lines += ["", f"## {domain} (its meta_test split)", "", format_markdown(table)]
+        lines.append("")
     if "wall_s" in results:
         lines.append(f"Wall time: {float(results['wall_s']):.1f} s.")
     return "\n".join(lines) + "\n"

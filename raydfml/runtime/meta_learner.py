@@ -49,6 +49,14 @@ class MetaLearner:
         self._adv_next, self._round = False, -1       # PURER's curriculum: harden the next round?
         if self.cfg.synth.name == "purer":
             self.purer = self._build_purer(sorted(set(pool_classes)))
+        self.meta_gen = None                      # FREE's meta-generator (weights + persistent meta-Adam)
+        if self.cfg.synth.name == "free":
+            from ..synthesis.free import MetaGenerator
+            from .parts import image_size
+
+            sc = self.cfg.synth
+            self.meta_gen = MetaGenerator(nz=sc.nz, ngf=sc.ngf, image_size=image_size(self.cfg), lr=sc.meta_lr,
+                                          seed=task_seed(self.cfg.seed, 37), device=self.device)
         self.val_split = None
         if load_val:
             self.val_split = load_split(Path(self.cfg.data.data_root).resolve(), self.cfg.data.dataset, "meta_val",
@@ -90,6 +98,61 @@ class MetaLearner:
         for it in items:
             self.bank.add(torch.from_numpy(np.asarray(it["images"])), torch.from_numpy(np.asarray(it["labels"])),
                           tuple(it["classes"]))
+
+    # --- FREE: meta-generator update and implicit gradient alignment ---------------------------
+
+    def generator_state(self) -> np.ndarray:
+        """The meta-generator's parameters as one flat float32 vector (broadcast once per round)."""
+        return torch.cat([p.detach().flatten() for p in self.meta_gen.generator.parameters()]).cpu().numpy()
+
+    def free_step(self, items: list[dict], warmup: bool) -> dict:
+        """One FREE round on the MetaLearner's side.
+
+        The meta-generator takes one persistent-Adam step on the mean of the teachers' first-order
+        meta-gradients. After warm-up, every teacher's recovered task enters the bank (FREE kept only
+        the last one: bug B1) and the meta-model takes one step on FREE's alignment gradient:
+        sequential distillation over the round's teachers on a copy, ``scale * (θ - θ_copy)``.
+        """
+        from ..aggregation.free import reptile_alignment
+        from ..learners import unflatten
+        from .teacher_pool import task_from_numpy
+
+        like = dict(self.meta_gen.generator.named_parameters())
+        stats = self.meta_gen.update([unflatten(torch.from_numpy(np.asarray(it["state_grad"])), like)
+                                      for it in items])
+        out = {"free/gen_grad_norm": stats["grad_norm"], "free/warmup": float(warmup)}
+        if warmup:
+            return out
+        self.add_recovered(items)
+        tasks = [task_from_numpy(it["task"], self.device) for it in items]
+        grads, st = reptile_alignment(self.learner, self.params, tasks, lr=self.cfg.learner.outer_lr,
+                                      scale=self.cfg.aggregate.free_scale)
+        self._step(grads)
+        out.update({"kd/loss": st["loss"], "kd/grad_norm": float(torch.cat([g.flatten() for g in grads.values()]).norm())})
+        return out
+
+    # --- TGR: implicit gradient regularisation inside a group ----------------------------------
+
+    def tgr_displaced(self, grads: list[np.ndarray]) -> tuple[list[np.ndarray], dict]:
+        """Phase 1 -> 2 of first-order IGR: each teacher's displaced state θ - η(ḡ - g_i), flat."""
+        from ..aggregation.tgr import igr_first_order
+
+        flat = [torch.from_numpy(np.asarray(g)) for g in grads]
+        g_bar, offsets = igr_first_order(flat, self.cfg.aggregate.tgr_eta)
+        theta = torch.from_numpy(self.flat_params())
+        spread = float(sum((f - g_bar).pow(2).sum() for f in flat) / (2 * len(flat)))
+        return [(theta + off).numpy() for off in offsets], {"tgr/spread": spread}
+
+    def tgr_exact_step(self, items: list[dict]) -> dict:
+        """Exact (second-order) IGR over the group's tasks, all in this process, then one step."""
+        from ..aggregation.tgr import igr_exact, task_losses
+        from .teacher_pool import task_from_numpy
+
+        tasks = [task_from_numpy(it["task"], self.device) for it in items]
+        grads, st = igr_exact(task_losses(self.learner, tasks), self.params, self.cfg.aggregate.tgr_eta)
+        self._step(grads)
+        return {"kd/loss": st["loss"], "tgr/spread": st["spread"],
+                "kd/grad_norm": float(torch.cat([g.flatten() for g in grads.values()]).norm())}
 
     # --- replay: MAML-family meta-batches on tasks from the bank -------------------------------
 
@@ -205,6 +268,8 @@ class MetaLearner:
         if self.purer is not None:
             state["purer"] = self.purer.state_dict()
             state["purer_adv_next"] = self._adv_next
+        if self.meta_gen is not None:
+            state["meta_gen"] = self.meta_gen.state_dict()
         return state
 
     def load_state_dict(self, state: dict) -> None:
@@ -222,3 +287,5 @@ class MetaLearner:
         if self.purer is not None and "purer" in state:
             self.purer.load_state_dict(state["purer"])
             self._adv_next = bool(state["purer_adv_next"])
+        if self.meta_gen is not None and "meta_gen" in state:
+            self.meta_gen.load_state_dict(state["meta_gen"])

@@ -4,6 +4,17 @@ The same class runs in-process (``--workers 0``) and as a Ray actor. It is state
 loaded teachers: every call carries the round's inputs (the meta-model state as a flat vector that
 the driver ``ray.put``s once per round) and is seeded by (experiment seed, round, teacher), so a
 replacement actor redoes a lost call bit for bit.
+
+What a round asks of it, by method:
+
+- ``recover``: invert each teacher (pixel / generator synthesizers) and, given the meta-model state,
+  return its per-teacher gradient: the learner's meta-gradient (``grad="meta"``, the mean rule) or the
+  gradient of the whole-task loss ``L_i`` (``grad="task"``, TGR's phase 1). The teacher's task is kept
+  for the round so TGR's phase 2 (``task_grads`` at displaced states) needs no second inversion.
+- ``recover_free``: adapt the broadcast FREE meta-generator to each teacher (first-order meta-gradient
+  back), optionally with the adversarial term against the meta-model.
+- ``embed``: TGR's task embedding of teachers (diagonal Fisher of a probe on recovered data).
+- ``purer_grads``: PURER's per-teacher gradients w.r.t. the shared synthetic rows.
 """
 from __future__ import annotations
 
@@ -35,6 +46,8 @@ class TeacherPool:
         self.meta_model = build_meta_model(self.cfg).to(self.device)
         self.learner = build_learner_for(self.cfg, self.meta_model)
         self.names = [n for n, _ in self.meta_model.named_parameters()]
+        self._tasks: dict[tuple[int, int], object] = {}     # (round, teacher) -> its Task, this round only
+        self._gen_like = None                                # FREE: a generator skeleton for unflattening
 
     def ping(self) -> bool:
         return True
@@ -60,35 +73,71 @@ class TeacherPool:
         like = {n: p for n, p in self.meta_model.named_parameters()}
         return unflatten(torch.from_numpy(np.asarray(theta, dtype=np.float32).copy()).to(self.device), like)
 
-    # --- white-box recovery + per-teacher distillation gradient --------------------------------
+    # --- white-box recovery + per-teacher gradients ----------------------------------------------
 
-    def recover(self, round_idx: int, teacher_ids: list[int], theta: np.ndarray | None) -> list[dict]:
-        """Invert each teacher; with ``theta``, also its distillation gradient for the meta-model at theta."""
+    def classes_of(self, tid: int) -> tuple[int, ...]:
+        """The teacher's global class ids in head order (domain offsets applied in md)."""
+        e = self.entries[tid]
+        return tuple(getattr(e, "global_classes", e.record.classes))
+
+    def _recover_one(self, tid: int, seed: int):
+        return self.synth.synthesize(self.teacher(tid), self.classes_of(tid), self.spec.mean, self.spec.std, seed=seed)
+
+    def _item(self, tid: int, rec) -> dict:
+        return {"teacher": tid, "arch": self.entries[tid].record.arch,
+                "images": rec.images.cpu().numpy(), "labels": rec.labels.cpu().numpy(), "classes": rec.classes,
+                "teacher_acc": rec.teacher_acc, "inv_loss": rec.loss, "passes": rec.passes, "synth_s": rec.seconds}
+
+    def recover(self, round_idx: int, teacher_ids: list[int], theta: np.ndarray | None, grad: str = "meta",
+                return_task: bool = False) -> list[dict]:
+        """Invert each teacher; with ``theta``, also its gradient for the meta-model at theta.
+
+        ``grad="meta"``: the learner's meta-gradient of the teacher's task (``distill_grad``);
+        ``grad="task"``: the gradient of the whole-task loss ``L_i`` (FREE/TGR's per-teacher loss).
+        ``return_task``: the task itself travels back too (for aggregation in the MetaLearner).
+        """
         params = self._params(theta) if theta is not None else None
+        self._tasks = {k: v for k, v in self._tasks.items() if k[0] == round_idx}
         out = []
         for tid in teacher_ids:
             seed = task_seed(self.cfg.seed, round_idx, tid)
-            teacher = self.teacher(tid)
-            classes = self.entries[tid].record.classes
-            rec = self.synth.synthesize(teacher, classes, self.spec.mean, self.spec.std, seed=seed)
-            item = {"teacher": tid, "arch": self.entries[tid].record.arch,
-                    "images": rec.images.cpu().numpy(), "labels": rec.labels.cpu().numpy(), "classes": rec.classes,
-                    "teacher_acc": rec.teacher_acc, "inv_loss": rec.loss, "passes": rec.passes,
-                    "synth_s": rec.seconds}
+            rec = self._recover_one(tid, seed)
+            item = self._item(tid, rec)
+            if params is not None or return_task:
+                task = self.teacher_task(self.teacher(tid), rec.images, rec.labels, seed)
+                self._tasks[(round_idx, tid)] = task
+                if return_task:
+                    item["task"] = task_to_numpy(task)
             if params is not None:
                 t0 = time.perf_counter()
-                grad, stats = self.distill_grad(teacher, rec.images, rec.labels, params, seed)
-                item.update(grad=grad, kd_loss=stats["loss"], kd_acc=stats["acc"], grad_s=time.perf_counter() - t0)
+                g, stats = (self._meta_grad(task, params) if grad == "meta" else self._task_grad(task, params))
+                item.update(grad=g, kd_loss=stats["loss"], kd_acc=stats.get("acc", float("nan")),
+                            grad_s=time.perf_counter() - t0)
             out.append(item)
         return out
 
-    def distill_grad(self, teacher, images01, labels, params, seed: int) -> tuple[np.ndarray, dict]:
-        """Meta-gradient of one teacher's recovered task: support/query split per class, teacher soft labels
-        on the augmented images, the learner's objective with the distillation loss."""
-        from ..learners import Task, flatten
+    def task_grads(self, round_idx: int, thetas: dict[int, np.ndarray]) -> dict[int, dict]:
+        """TGR phase 2: ``G_i = grad L_i`` at teacher i's displaced state ``thetas[i]``, on the task that
+        ``recover`` built this round (rebuilt, identically, if this actor is a replacement)."""
+        out = {}
+        for tid, theta in thetas.items():
+            task = self._tasks.get((round_idx, tid))
+            if task is None:
+                seed = task_seed(self.cfg.seed, round_idx, tid)
+                rec = self._recover_one(tid, seed)
+                task = self._tasks[(round_idx, tid)] = self.teacher_task(self.teacher(tid), rec.images, rec.labels, seed)
+            g, stats = self._task_grad(task, self._params(theta))
+            out[tid] = {"grad": g, "loss": stats["loss"]}
+        return out
+
+    def teacher_task(self, teacher, images01, labels, seed: int):
+        """One teacher's recovered images as a task: per-image augmentation, normalisation, the
+        teacher's logits on exactly those inputs, and a per-class support/query split (``train_shot``
+        support images per class, the rest query)."""
+        from ..learners import Task
 
         gen = torch.Generator().manual_seed(seed)
-        x = images01.float()
+        x = torch.as_tensor(images01).float()
         labels = torch.as_tensor(labels)
         shot = self.cfg.learner.train_shot
         s_idx, q_idx = [], []
@@ -102,9 +151,96 @@ class TeacherPool:
         with torch.no_grad():
             t_logits = teacher(xa)
         y = labels.to(self.device)
-        task = Task(xa[s_idx], y[s_idx], xa[q_idx], y[q_idx], t_logits[s_idx], t_logits[q_idx])
+        return Task(xa[s_idx], y[s_idx], xa[q_idx], y[q_idx], t_logits[s_idx], t_logits[q_idx])
+
+    def distill_grad(self, teacher, images01, labels, params, seed: int) -> tuple[np.ndarray, dict]:
+        """The learner's meta-gradient of one teacher's recovered task (distillation on the query)."""
+        return self._meta_grad(self.teacher_task(teacher, images01, labels, seed), params)
+
+    def _meta_grad(self, task, params) -> tuple[np.ndarray, dict]:
+        from ..learners import flatten
+
         grads, stats = self.learner.meta_grads(params, task)
         return flatten(grads, self.names).detach().cpu().numpy().astype(np.float32), stats
+
+    def _task_grad(self, task, params) -> tuple[np.ndarray, dict]:
+        """Gradient of ``L_i(θ)`` = the learner's task loss (KD + CE) on all of the task's images."""
+        from ..aggregation.tgr import task_losses
+        from ..learners import flatten
+
+        loss_fn = task_losses(self.learner, [task])[0]
+        leaves = {n: v.detach().requires_grad_(True) for n, v in params.items()}
+        with torch.enable_grad():
+            loss = loss_fn(leaves)
+            gs = torch.autograd.grad(loss, [leaves[n] for n in self.names], allow_unused=True)
+        grads = {n: (torch.zeros_like(leaves[n]) if g is None else g) for n, g in zip(self.names, gs)}
+        return flatten(grads, self.names).detach().cpu().numpy().astype(np.float32), {"loss": float(loss.detach())}
+
+    # --- FREE: adapt the broadcast meta-generator to each teacher -------------------------------
+
+    def recover_free(self, round_idx: int, teacher_ids: list[int], gen_state: np.ndarray,
+                     theta: np.ndarray | None) -> list[dict]:
+        """Adapt the meta-generator (flat ``gen_state``) to each teacher in ``synth.steps`` steps.
+
+        With ``theta`` (after warm-up) the adversarial term uses the meta-model at theta as the
+        student, and the recovered task travels back for the alignment step. Each item carries
+        ``state_grad``: the flat first-order meta-gradient for the meta-generator.
+        """
+        from ..learners import flatten, unflatten
+        from ..synthesis.free import adapt_generator, new_generator
+        from torch.func import functional_call
+        from .parts import image_size
+
+        sc = self.cfg.synth
+        if self._gen_like is None:
+            self._gen_like = dict(new_generator(0, nz=sc.nz, ngf=sc.ngf, image_size=image_size(self.cfg)).named_parameters())
+        state = unflatten(torch.from_numpy(np.asarray(gen_state, dtype=np.float32).copy()), self._gen_like)
+        student = None
+        if theta is not None:
+            params = {n: v.detach() for n, v in self._params(theta).items()}
+            student = lambda x: functional_call(self.meta_model, params, (x,))  # noqa: E731
+        out = []
+        for tid in teacher_ids:
+            seed = task_seed(self.cfg.seed, round_idx, tid)
+            teacher = self.teacher(tid)
+            rec = adapt_generator(state, teacher, self.classes_of(tid), self.spec.mean, self.spec.std, seed,
+                                  steps=sc.steps, per_class=sc.per_class, lr_generator=sc.lr_generator,
+                                  lr_latent=sc.lr_latent, ngf=sc.ngf, nz=sc.nz, image_size=image_size(self.cfg),
+                                  augment=sc.augment, ce_weight=sc.ce_weight, bn_weight=sc.bn_weight,
+                                  student_forward=student, adv_weight=sc.adv_weight)
+            item = self._item(tid, rec)
+            item["state_grad"] = flatten(rec.state_grad, list(self._gen_like)).numpy().astype(np.float32)
+            if theta is not None:
+                item["task"] = task_to_numpy(self.teacher_task(teacher, rec.images, rec.labels, seed))
+            out.append(item)
+        return out
+
+    # --- TGR: task embeddings -------------------------------------------------------------------
+
+    def embed(self, round_idx: int, teacher_ids: list[int], probe: str = "random") -> list[dict]:
+        """Recover each teacher's data and embed it as the diagonal Fisher of a fixed probe network.
+
+        ``probe="random"``: a seeded random Conv4 (the same on every actor: a function of the seed);
+        ``"teacher"``: pool teacher 0 (a trained network; the same for every teacher embedded). Items
+        are ``recover``'s plus ``embedding`` (flat float32). Seeded apart from the training rounds.
+        """
+        from ..aggregation.task_space import fisher_embedding, make_probe
+        from .parts import image_size
+
+        if probe == "teacher":
+            net = self.teacher(0)
+        else:
+            net = make_probe(task_seed(self.cfg.seed, 41), image_size=image_size(self.cfg),
+                             adaptive_pool=self.cfg.learner.adaptive_pool, way=self.cfg.pool.way).to(self.device)
+        out = []
+        for tid in teacher_ids:
+            seed = task_seed(self.cfg.seed, 43, round_idx, tid)
+            rec = self._recover_one(tid, seed)
+            item = self._item(tid, rec)
+            emb = fisher_embedding(net, rec.images, rec.labels, self.spec.mean, self.spec.std, seed=seed)
+            item["embedding"] = emb.cpu().numpy().astype(np.float32)
+            out.append(item)
+        return out
 
     # --- PURER: gradients of the per-teacher inversion loss w.r.t. the shared synthetic rows ------
 
@@ -120,3 +256,14 @@ class TeacherPool:
             out[tid] = {"classes": classes, "loss": rec.loss, "acc": rec.teacher_acc,
                         "grad": rec.state_grad["rows"].detach().cpu().numpy()}
         return out
+
+
+def task_to_numpy(task) -> dict[str, np.ndarray | None]:
+    """A ``Task`` as numpy arrays (what crosses the object store), ``task_from_numpy`` inverts it."""
+    return {k: (None if v is None else v.detach().cpu().numpy()) for k, v in vars(task).items()}
+
+
+def task_from_numpy(d: dict, device) -> object:
+    from ..learners import Task
+
+    return Task(**{k: (None if v is None else torch.from_numpy(np.asarray(v).copy()).to(device)) for k, v in d.items()})

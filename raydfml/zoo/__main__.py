@@ -28,6 +28,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="sets --epochs: smoke 1, quick 4, paper 60 (default quick)")
     p.add_argument("--epochs", type=int, default=None, help="training epochs (overrides --profile)")
     p.add_argument("--width", type=float, default=1.0, help="channel width multiplier (narrow ResNets on CPU)")
+    p.add_argument("--optimizer", default="seeds", choices=("seeds", "adam"),
+                   help="seeds: conv4 Adam, ResNets SGD 0.01 (long schedules); adam: Adam 0.01 for all (short CPU schedules)")
     p.add_argument("--workers", type=int, default=2, help="teachers trained at once on Ray; 0 = in-process")
     p.add_argument("--data-root", default="data", help="dataset root in the seeds' layout (default ./data)")
     p.add_argument("--zoo-dir", default=None, help="output directory (default <data-root>/zoo/<derived name>)")
@@ -39,7 +41,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     cfg = ZooConfig(dataset=args.dataset, arch=args.arch, num=args.num, way=args.way, policy=args.policy,
-                    seed=args.seed, epochs=args.epochs or EPOCHS_BY_PROFILE[args.profile], width=args.width)
+                    seed=args.seed, epochs=args.epochs or EPOCHS_BY_PROFILE[args.profile], width=args.width,
+                    optimizer=args.optimizer)
     cfg.validate()
     data_root = Path(args.data_root).resolve()
     zoo_dir = Path(args.zoo_dir).resolve() if args.zoo_dir else default_zoo_dir(data_root, cfg)

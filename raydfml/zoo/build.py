@@ -47,10 +47,16 @@ class ZooConfig:
     width: float = 1.0
     batch_size: int = 128
     image_size: int | None = None   # None: the dataset's own size
+    # "seeds": conv4 Adam 0.01, ResNets SGD 0.01/0.9/5e-4 (the seeds' recipe, for long schedules);
+    # "adam": Adam 0.01 for every architecture. Measured on glyphs, 4 epochs, width 0.25: resnet10
+    # reached 0.34 held-out accuracy with the seeds' SGD, 0.90 with SGD at peak lr 0.1, 0.997 with Adam.
+    optimizer: str = "seeds"
 
     def validate(self) -> None:
         if self.arch not in ARCHS:
             raise UserError(f"--arch {self.arch!r}: unknown architecture; choose one of {', '.join(ARCHS)}")
+        if self.optimizer not in ("seeds", "adam"):
+            raise UserError(f"--optimizer {self.optimizer!r}: choose seeds or adam")
         if self.policy not in POLICIES:
             raise UserError(f"--policy {self.policy!r}: choose disjoint or random")
         get_spec(self.dataset)
@@ -119,7 +125,7 @@ def train_teacher(images: np.ndarray, labels: np.ndarray, classes: tuple[int, ..
 
     model = build_model(cfg.arch, num_classes=len(classes), image_size=size, width=cfg.width).to(device)
     steps_per_epoch = max(1, int(np.ceil(len(tr) / cfg.batch_size)))
-    if cfg.arch == "conv4":
+    if cfg.arch == "conv4" or cfg.optimizer == "adam":
         opt: torch.optim.Optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
     else:
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
@@ -244,4 +250,6 @@ def _build_on_ray(cfg, split, todo, workers, finish, bar) -> None:
 
 def default_zoo_dir(data_root: str | Path, cfg: ZooConfig) -> Path:
     width = "" if cfg.width == 1.0 else f"-w{cfg.width:g}"
+    if cfg.optimizer != "seeds" and cfg.arch != "conv4":      # conv4 trains with Adam either way
+        width += f"-{cfg.optimizer}"
     return Path(data_root) / "zoo" / f"{cfg.dataset}-{cfg.arch}{width}-{cfg.way}way-{cfg.policy}-n{cfg.num}-s{cfg.seed}-e{cfg.epochs}"
