@@ -139,29 +139,39 @@ def mean_over_domains(records: list[dict]) -> dict:
             "ci95": float(np.sqrt(sum(float(r["ci95"]) ** 2 for r in records)) / d)}
 
 
-def evaluate_final(cfg: ExperimentConfig, trained: dict, entries, progress: bool = True) -> dict:
-    """Meta-test the method and every baseline on the same tasks; returns the results-dict fields."""
+def evaluate_final(cfg: ExperimentConfig, trained: dict | None, entries, progress: bool = True,
+                   baselines=None, with_data_updates: int | None = None) -> dict:
+    """Meta-test the method and every baseline on the same tasks; returns the results-dict fields.
+
+    ``baselines`` narrows ``cfg.train.baselines`` (``()``: the method alone) and ``trained=None``
+    evaluates baselines only (``meta_test`` is then empty): a comparison of several methods on one
+    pool evaluates the method-independent baselines once. ``with_data_updates`` sets the with-data
+    baseline's meta-updates (default: the method's, ``trained["meta_updates"]``).
+    """
     t0 = time.time()
     device = resolve_device(cfg.runtime.device)
+    wanted = tuple(cfg.train.baselines if baselines is None else [b for b in cfg.train.baselines if b in baselines])
+    if with_data_updates is None and "with_data" in wanted:
+        with_data_updates = trained["meta_updates"]
     notes: list[str] = []
-    models: dict[str, dict] = {cfg.method: trained["best_params"]}
-    if "random_init" in cfg.train.baselines:
+    models: dict[str, dict] = {cfg.method: trained["best_params"]} if trained is not None else {}
+    if "random_init" in wanted:
         models["random_init"] = random_init_params(cfg)
-    if "teacher_average" in cfg.train.baselines:
+    if "teacher_average" in wanted:
         avg, note = teacher_average_params(cfg, entries)
         if avg is not None:
             models["teacher_average"] = avg
         else:
             notes.append(note)
     t_wd = time.time()
-    if "with_data" in cfg.train.baselines:
+    if "with_data" in wanted:
         if cfg.runtime.workers > 0:   # a one-thread Ray task, like every other worker of the run
             import ray
 
             task = ray.remote(_with_data_task).options(num_cpus=1, num_gpus=0)
-            models["with_data"] = ray.get(task.remote(cfg.to_dict(), trained["meta_updates"]))
+            models["with_data"] = ray.get(task.remote(cfg.to_dict(), with_data_updates))
         else:
-            models["with_data"] = train_with_data(cfg, trained["meta_updates"], device, progress)
+            models["with_data"] = train_with_data(cfg, with_data_updates, device, progress)
     t_wd = time.time() - t_wd
 
     datasets = pool_datasets(cfg)       # md: every domain's meta_test; else data.dataset alone
@@ -187,6 +197,8 @@ def evaluate_final(cfg: ExperimentConfig, trained: dict, entries, progress: bool
                            for i in range(len(cfg.train.test_shots))] for name in models}
     else:
         by_model = dict(by_domain[datasets[0]])
-    return {"meta_test": by_model.pop(cfg.method), "baselines": by_model, "notes": notes,
-            "time/with_data_s": round(t_wd, 1), "time/meta_test_s": round(time.time() - t0 - t_wd, 1),
-            **({"meta_test_domains": by_domain} if cfg.data.domains else {})}
+    out = {"meta_test": by_model.pop(cfg.method, []), "baselines": by_model, "notes": notes,
+           "time/with_data_s": round(t_wd, 1), "time/meta_test_s": round(time.time() - t0 - t_wd, 1)}
+    if cfg.data.domains:
+        out["meta_test_domains"] = by_domain
+    return out

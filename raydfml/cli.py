@@ -8,7 +8,7 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    from raydfml.config import METHODS, PROFILES, SCENARIOS
+    from raydfml.config import DEFAULT_METHOD, METHODS, PROFILES, SCENARIOS
 
     p = argparse.ArgumentParser(
         prog="launch.py", formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -16,17 +16,23 @@ def parse_args(argv=None) -> argparse.Namespace:
         epilog="Examples:\n  python launch.py --scenario mr\n  python launch.py --scenario mr --profile smoke --workers 0\n"
                "  python launch.py --scenario mr --set learner.inner_lr=0.05 --set train.rounds=40")
     p.add_argument("--scenario", default="mr", help=f"teacher-pool scenario: {', '.join(SCENARIOS)} (default mr)")
-    p.add_argument("--method", default="deepinv", help=f"method preset: {', '.join(METHODS)} (default deepinv)")
+    p.add_argument("--method", default=None,
+                   help=f"method preset: {', '.join(METHODS)} (default: the scenario's, "
+                        f"{', '.join(f'{s} {m}' for s, m in DEFAULT_METHOD.items())}); several, comma-separated "
+                        "(e.g. deepinv,purer), train each on the same pool and print one comparison table")
     p.add_argument("--profile", default="quick", help=f"compute budget: {', '.join(PROFILES)} (default quick)")
     p.add_argument("--dataset", default=None, help="dataset (default: glyphs, generated when missing)")
     p.add_argument("--data-root", default=None, help="root of datasets in the seeds' layout (default ./data)")
     p.add_argument("--zoo-dir", default=None, help="teacher zoo directory (default <data-root>/zoo/<derived>)")
-    p.add_argument("--out", default=None, help="run directory (default runs/<scenario>-<method>-<profile>-s<seed>)")
+    p.add_argument("--out", default=None, help="run directory (default runs/<scenario>-<method>-<profile>-s<seed>; "
+                                               "for several methods runs/compare-<scenario>-<profile>-s<seed>)")
     p.add_argument("--workers", type=int, default=None, help="TeacherPool actors on Ray; 0 runs in-process (default 2)")
     p.add_argument("--device", default=None, help="auto | cpu | cuda (default auto)")
     p.add_argument("--seed", type=int, default=0, help="experiment seed (default 0)")
     p.add_argument("--address", default=None, help="Ray cluster address, e.g. auto (default: start a local Ray)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its last checkpoint (a comparison: finished methods "
+                        "are read back, an unfinished one continues)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config value, e.g. learner.inner_lr=0.05 (repeatable)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -39,7 +45,27 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def build_config(args: argparse.Namespace):
+def method_names(value: str | None) -> list[str | None]:
+    """``--method``'s comma-separated names, each checked against the registered methods up front
+    (``[None]`` without ``--method``: the scenario's default method, resolved by config.resolve)."""
+    from raydfml.config import METHODS
+    from raydfml.errors import UserError
+
+    if value is None:
+        return [None]
+    names = [m.strip() for m in value.split(",")]
+    for name in names:
+        if name not in METHODS:
+            what = "an empty name" if not name else repr(name)
+            raise UserError(f"--method {value!r}: {what} is not a method; choose from {', '.join(METHODS)}")
+    for name in names:
+        if names.count(name) > 1:
+            raise UserError(f"--method {value!r}: {name} is listed twice")
+    return names
+
+
+def build_config(args: argparse.Namespace, method: str | None = None):
+    """The resolved config of ``args`` (for ``method`` when given, else ``args.method``)."""
     from raydfml.config import resolve
     from raydfml.errors import UserError
 
@@ -54,7 +80,7 @@ def build_config(args: argparse.Namespace):
                      ("runtime.address", args.address)]:
         if val is not None:
             overrides[key] = val
-    cfg = resolve(args.scenario, args.method, args.profile, overrides, seed=args.seed)
+    cfg = resolve(args.scenario, method or args.method, args.profile, overrides, seed=args.seed)
     if args.out:
         cfg.out = args.out
     return cfg
@@ -62,6 +88,7 @@ def build_config(args: argparse.Namespace):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    methods = method_names(args.method)
     if args.tune:
         from raydfml.tune import run_sweep
 
@@ -74,14 +101,31 @@ def main(argv=None) -> int:
                         address=args.address, quiet=args.quiet,
                         overrides={k.strip(): v.strip() for k, v in overrides.items()})
         return 0 if out["complete"] and not out["errors"] else 1
+    if len(methods) > 1:
+        return compare(args, methods)
     from raydfml.runtime.driver import run_experiment
     from raydfml.report import results_table
 
-    cfg = build_config(args)
+    cfg = build_config(args, methods[0])
     results = run_experiment(cfg, resume=args.resume, progress=not args.quiet)
     print(results_table(results).to_string())
     print(f"\nrun directory: {results['run_dir']}  (wall {results['wall_s']:.0f}s)")
     for note in results.get("notes", []):
+        print(f"note: {note}")
+    return 0
+
+
+def compare(args: argparse.Namespace, methods: list[str]) -> int:
+    """Several methods on the same pool, one table (raydfml.compare)."""
+    from raydfml.compare import run_comparison
+    from raydfml.report import comparison_table
+
+    cfgs = [build_config(args, m) for m in methods]     # every config error surfaces before any work
+    comparison = run_comparison(cfgs, out_dir=args.out, resume=args.resume, progress=not args.quiet)
+    print(comparison_table(comparison).to_string())
+    print(f"\ncomparison directory: {comparison['out']}  (wall {comparison['wall_s']:.0f}s; one run directory "
+          f"per method inside)")
+    for note in comparison["notes"]:
         print(f"note: {note}")
     return 0
 
