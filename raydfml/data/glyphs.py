@@ -42,8 +42,8 @@ raydfml.data.glyphs --list-domains`` prints the live numbers)::
 
 Because deduplication is global, the single-script domains are pairwise disjoint in code points AND
 in look: the Cyrillic domain holds no glyph that already appears, identical, in the Latin one.
-That is what the multi-domain scenario needs (datasets ``glyphs-<domain>``, e.g. 36 of the 37 Greek
-classes split 22/6/8).
+That is what the multi-domain scenario needs (datasets ``glyphs-<domain>``, at most 60 classes of
+200 images each, e.g. all 37 Greek classes split 25/5/7: see ``layout.glyph_set_params``).
 
 What the seed decides
 ---------------------

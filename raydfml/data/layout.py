@@ -129,7 +129,52 @@ def _layout_hint(name: str, ddir: Path) -> str:
 
 
 # Small embedded sets for tests and the smoke profile: generated in seconds, same code path.
-SMALL_GLYPH_SETS = {"glyphs-smoke": {"classes": 20, "images_per_class": 30, "split": (10, 5, 5)}}
+# ``glyphs-smoke-<script>`` are the smoke domains of scenario md (one script each, so two of them
+# share no class): 18 classes split 8/5/5, i.e. enough meta-train classes for distinct 5-way teachers
+# and exactly 5 for 5-way meta-val/meta-test tasks.
+SMOKE_DOMAIN_SCRIPTS = ("latin", "greek", "cyrillic", "armenian", "georgian")
+SMALL_GLYPH_SETS = {
+    "glyphs-smoke": {"classes": 20, "images_per_class": 30, "split": (10, 5, 5)},
+    **{f"glyphs-smoke-{d}": {"domain": d, "classes": 18, "images_per_class": 30, "split": (8, 5, 5)}
+       for d in SMOKE_DOMAIN_SCRIPTS},
+}
+
+# Full-size domain sets ``glyphs-<script>`` (scenario md): sized for 2 CPU cores, four of them are
+# ~40k images (~2 min to render). A script with fewer letters than DOMAIN_MAX_CLASSES gives all of
+# them (greek 37, georgian 41).
+DOMAIN_MAX_CLASSES = 60
+DOMAIN_IMAGES_PER_CLASS = 200
+MIN_EVAL_CLASSES = 5          # a 5-way meta-val/meta-test task needs 5 classes in the split
+
+
+def domain_split(classes: int) -> tuple[int, int, int]:
+    """64/16/20% of ``classes`` (val and test rounded down) with at least MIN_EVAL_CLASSES in val and
+    test: 60 -> (39, 9, 12), 41 -> (27, 6, 8), 37 -> (25, 5, 7)."""
+    val = max(MIN_EVAL_CLASSES, classes * 16 // 100)
+    test = max(MIN_EVAL_CLASSES, classes * 20 // 100)
+    if classes - val - test < MIN_EVAL_CLASSES:
+        raise UserError(f"a glyph domain of {classes} classes is too small for a {MIN_EVAL_CLASSES}-way "
+                        f"meta_train/meta_val/meta_test split")
+    return classes - val - test, val, test
+
+
+def glyph_set_params(name: str) -> dict:
+    """The ``generate_glyphs`` keyword arguments (besides root) of the embedded set ``name``:
+    the default ``glyphs``, a smoke set, or a single-script domain ``glyphs-<script>``."""
+    spec = get_spec(name)
+    if not spec.embedded:
+        raise UserError(f"dataset {spec.name!r} is not an embedded glyph set")
+    kwargs: dict = {"name": spec.name}
+    if spec.name in SMALL_GLYPH_SETS:
+        kwargs.update(SMALL_GLYPH_SETS[spec.name])
+    elif spec.name.startswith("glyphs-"):
+        from . import glyphs  # lazy: rendering pulls in matplotlib's font machinery
+
+        domain = spec.name.split("-", 1)[1]
+        classes = min(DOMAIN_MAX_CLASSES, glyphs.available_classes(domain))
+        kwargs.update(domain=domain, classes=classes, images_per_class=DOMAIN_IMAGES_PER_CLASS,
+                      split=domain_split(classes))
+    return kwargs
 
 
 def ensure_dataset(root: str | os.PathLike, name: str) -> Path:
@@ -145,15 +190,7 @@ def ensure_dataset(root: str | os.PathLike, name: str) -> Path:
             # The marker is written last by the generator, so its absence also means "incomplete".
             from . import glyphs  # lazy: rendering pulls in matplotlib's font machinery
 
-            kwargs: dict = {"name": spec.name}
-            if spec.name in SMALL_GLYPH_SETS:
-                kwargs.update(SMALL_GLYPH_SETS[spec.name])
-            elif spec.name.startswith("glyphs-"):
-                # A domain (one script, say) may hold fewer glyphs than the default 100 classes.
-                domain = spec.name.split("-", 1)[1]
-                kwargs["domain"] = domain
-                kwargs["classes"] = min(glyphs.DEFAULT_CLASSES, glyphs.available_classes(domain))
-            glyphs.generate_glyphs(root, **kwargs)
+            glyphs.generate_glyphs(root, **glyph_set_params(spec.name))
         return ddir
     if not ddir.is_dir():
         raise UserError(f"dataset {spec.name!r} not found at {ddir}: put its images there as {_layout_hint(spec.name, ddir)}, "

@@ -50,11 +50,19 @@ ALIASES = {"cifar100": "cifarfs", "cifar-fs": "cifarfs", "mini": "miniimagenet",
 
 
 def get_spec(name: str) -> DatasetSpec:
-    """The spec for a dataset name; glyph domains (``glyphs-<domain>``) share the glyph statistics."""
+    """The spec for a dataset name. Embedded glyph domains share the glyph statistics:
+    ``glyphs-<script>`` (the md scenario's domains) and ``glyphs-smoke-<script>`` (their smoke sizes),
+    sized by ``layout.glyph_set_params``."""
     key = ALIASES.get(name.lower(), name.lower())
     if key in _SPECS:
         return _SPECS[key]
     if key.startswith("glyphs-"):
+        from .glyphs import DOMAINS  # lazy: glyphs imports this module
+
+        domain = key.removeprefix("glyphs-").removeprefix("smoke-")
+        if key != "glyphs-smoke" and domain not in DOMAINS:
+            raise UserError(f"unknown dataset {name!r}: glyph domains are glyphs-<script> or glyphs-smoke-<script> "
+                            f"with script one of {', '.join(DOMAINS)}")
         return register(DatasetSpec(key, key, 32, GLYPH_MEAN, GLYPH_STD, embedded=True))
     raise UserError(f"unknown dataset {name!r}; choose one of {', '.join(sorted(_SPECS))}")
 

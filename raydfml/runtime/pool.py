@@ -1,4 +1,13 @@
-"""The teacher pool: loading every teacher of an experiment, and picking those of a round."""
+"""The teacher pool: loading every teacher of an experiment, and picking those of a round.
+
+The pool holds one zoo per (dataset, architecture): the datasets are the scenario's domains
+(``data.domains``, scenario md) or the one ``data.dataset``. A zoo's manifest lists each teacher's
+classes as ids of its own dataset's meta-train split, so two domains both have a class 3. The pool
+makes them GLOBAL ids by adding a per-domain offset, ``CLASS_OFFSET_STRIDE * domain index``
+(domain 0: ids as in its manifest; domain 1: +1000; ...): the task memory bank keys its classes by
+global id and so never mixes two domains' class 3. A stride of 1000 leaves room for any meta-train
+split here (CUB's 100 classes are the largest) and keeps ids readable (1003 = domain 1, class 3).
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -7,51 +16,94 @@ from pathlib import Path
 import numpy as np
 
 from ..config import ExperimentConfig
+from ..errors import UserError
 from ..zoo import TeacherRecord, ZooConfig, build_zoo, default_zoo_dir, read_manifest
+
+CLASS_OFFSET_STRIDE = 1000
 
 
 @dataclass(frozen=True)
 class PoolEntry:
-    """One teacher of the experiment's pool: where it lives and its global class ids."""
+    """One teacher of the experiment's pool: where it lives, its dataset and its global class ids."""
     index: int                  # position in the pool (0..P-1), the id used by the runtime
     zoo_dir: str
     record: TeacherRecord
+    dataset: str = ""           # the teacher's dataset (domain); "" means record.dataset
+    class_offset: int = 0       # added to record.classes to make them global (CLASS_OFFSET_STRIDE * domain)
+
+    def __post_init__(self) -> None:
+        if not self.dataset:
+            object.__setattr__(self, "dataset", self.record.dataset)
+
+    @property
+    def global_classes(self) -> tuple[int, ...]:
+        """The teacher's classes as pool-wide ids: output j of the teacher is global class ``global_classes[j]``."""
+        return tuple(c + self.class_offset for c in self.record.classes)
 
 
-def zoo_config(cfg: ExperimentConfig, arch: str) -> ZooConfig:
+def pool_datasets(cfg: ExperimentConfig) -> tuple[str, ...]:
+    """The datasets the pool is trained on: the md domains in order, else ``data.dataset`` alone."""
+    domains = tuple(cfg.data.domains)
+    for d in domains:
+        if domains.count(d) > 1:
+            raise UserError(f"config data.domains lists {d!r} twice; each domain is one dataset of the pool")
+    return domains or (cfg.data.dataset,)
+
+
+def class_offset(cfg: ExperimentConfig, dataset: str) -> int:
+    """The global-id offset of ``dataset``'s classes: CLASS_OFFSET_STRIDE times its domain index."""
+    datasets = pool_datasets(cfg)
+    if dataset not in datasets:
+        raise UserError(f"dataset {dataset!r} is not one of the pool's datasets ({', '.join(datasets)})")
+    return CLASS_OFFSET_STRIDE * datasets.index(dataset)
+
+
+def zoo_config(cfg: ExperimentConfig, arch: str, dataset: str | None = None) -> ZooConfig:
+    """The zoo of ``arch`` teachers on ``dataset`` (default ``data.dataset``)."""
     p = cfg.pool
     width = p.width if arch != "conv4" else 1.0
-    return ZooConfig(dataset=cfg.data.dataset, arch=arch, num=p.num_per_arch, way=p.way, policy=p.policy,
-                     seed=p.seed, epochs=p.epochs, width=width, image_size=cfg.data.image_size)
+    return ZooConfig(dataset=dataset or cfg.data.dataset, arch=arch, num=p.num_per_arch, way=p.way,
+                     policy=p.policy, seed=p.seed, epochs=p.epochs, width=width, image_size=cfg.data.image_size,
+                     optimizer=p.optimizer)
 
 
 def zoo_dir_for(cfg: ExperimentConfig, zcfg: ZooConfig) -> Path:
-    """``--zoo-dir`` when the pool has one architecture, else a derived directory per architecture."""
-    if cfg.pool.zoo_dir and len(cfg.pool.archs) == 1:
+    """``--zoo-dir`` when the pool is a single zoo (one dataset, one architecture), else a derived
+    directory per (dataset, architecture) under ``<data_root>/zoo``."""
+    if cfg.pool.zoo_dir and len(cfg.pool.archs) == 1 and len(pool_datasets(cfg)) == 1:
         return Path(cfg.pool.zoo_dir).resolve()
     return default_zoo_dir(Path(cfg.data.data_root).resolve(), zcfg)
 
 
+def pool_zoos(cfg: ExperimentConfig) -> list[tuple[ZooConfig, Path, int]]:
+    """Every zoo of the pool with its directory and class offset, domain-major (domain 0's
+    architectures first): the order of the pool's entries."""
+    out = []
+    for dataset in pool_datasets(cfg):
+        offset = class_offset(cfg, dataset)
+        for arch in cfg.pool.archs:
+            zcfg = zoo_config(cfg, arch, dataset)
+            out.append((zcfg, zoo_dir_for(cfg, zcfg), offset))
+    return out
+
+
 def prepare_pool(cfg: ExperimentConfig, workers: int, progress: bool = True) -> list[PoolEntry]:
-    """Build (or reuse) one zoo per architecture of the scenario and list every teacher in it."""
+    """Build (or reuse) one zoo per (dataset, architecture) of the scenario and list every teacher in it."""
     data_root = Path(cfg.data.data_root).resolve()
     entries: list[PoolEntry] = []
-    for arch in cfg.pool.archs:
-        zcfg = zoo_config(cfg, arch)
-        zoo_dir = zoo_dir_for(cfg, zcfg)
+    for zcfg, zoo_dir, offset in pool_zoos(cfg):
         records = build_zoo(zcfg, zoo_dir, data_root, workers=workers, device=cfg.runtime.device, progress=progress)
         for rec in records[: cfg.pool.num_per_arch]:
-            entries.append(PoolEntry(len(entries), str(zoo_dir), rec))
+            entries.append(PoolEntry(len(entries), str(zoo_dir), rec, zcfg.dataset, offset))
     return entries
 
 
 def existing_pool(cfg: ExperimentConfig) -> list[PoolEntry]:
     """The pool as the manifests describe it (no training); used when resuming."""
     entries: list[PoolEntry] = []
-    for arch in cfg.pool.archs:
-        zoo_dir = zoo_dir_for(cfg, zoo_config(cfg, arch))
+    for zcfg, zoo_dir, offset in pool_zoos(cfg):
         for rec in read_manifest(zoo_dir)[: cfg.pool.num_per_arch]:
-            entries.append(PoolEntry(len(entries), str(zoo_dir), rec))
+            entries.append(PoolEntry(len(entries), str(zoo_dir), rec, zcfg.dataset, offset))
     return entries
 
 
