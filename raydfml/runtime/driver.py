@@ -48,6 +48,12 @@ def purer_loss_cfg(cfg: ExperimentConfig) -> dict:
     return {"bn_weight": 0.01, "tv_weight": 1e-4, "l2_weight": 1e-5, "augment": "shift"}
 
 
+def _gather(parts: list[list[dict]]) -> list[dict]:
+    """The actors' items in teacher order: what follows (FREE's sequential alignment above all) must
+    not depend on how many actors shared the round."""
+    return sorted((it for part in parts for it in part), key=lambda it: it["teacher"])
+
+
 def _shares(tids: list[int], n: int) -> list[list[int]]:
     shares = [tids[i::n] for i in range(n)]
     return [s for s in shares if s]
@@ -62,7 +68,7 @@ def train(cfg: ExperimentConfig, run_dir: Path, report, resume: bool = False, pr
     """
     from .executor import InProcessExecutor, RayExecutor
 
-    pool_classes = sorted({c for e in entries for c in e.record.classes})
+    pool_classes = sorted({c for e in entries for c in e.global_classes})
     owned = executor is None
     if owned:
         executor = (RayExecutor if cfg.runtime.workers > 0 else InProcessExecutor)(cfg, entries, pool_classes)
@@ -141,7 +147,7 @@ def _mean_round(cfg, ex, ml, r: int, shares, metrics: dict) -> list[dict]:
     """Recovery + per-teacher meta-gradients at the broadcast state, averaged by the MetaLearner."""
     theta = ex.call(ml, "flat_params") if cfg.train.kd_steps > 0 else None
     t0 = time.perf_counter()
-    results = [it for part in ex.map_pool("recover", r, shares, theta) for it in part]
+    results = _gather(ex.map_pool("recover", r, shares, theta))
     metrics["time/synthesis_s"] = time.perf_counter() - t0
     ex.get(ex.call(ml, "add_recovered", results))
     if cfg.train.kd_steps > 0:
@@ -157,7 +163,7 @@ def _free_round(cfg, ex, ml, r: int, shares, metrics: dict) -> list[dict]:
     gen_state = ex.call(ml, "generator_state")
     theta = None if warmup else ex.call(ml, "flat_params")
     t0 = time.perf_counter()
-    results = [it for part in ex.map_pool("recover_free", r, shares, gen_state, theta) for it in part]
+    results = _gather(ex.map_pool("recover_free", r, shares, gen_state, theta))
     metrics["time/synthesis_s"] = time.perf_counter() - t0
     metrics.update(ex.get(ex.call(ml, "free_step", results, warmup)))
     return results
@@ -170,7 +176,7 @@ def _tgr_round(cfg, ex, ml, r: int, shares, metrics: dict) -> list[dict]:
     exact = cfg.aggregate.tgr_form == "exact"
     theta = None if exact else ex.call(ml, "flat_params")
     t0 = time.perf_counter()
-    results = [it for part in ex.map_pool("recover", r, shares, theta, "task", exact) for it in part]
+    results = _gather(ex.map_pool("recover", r, shares, theta, "task", exact))
     metrics["time/synthesis_s"] = time.perf_counter() - t0
     ex.get(ex.call(ml, "add_recovered", results))
     if exact:
@@ -219,8 +225,7 @@ class TaskGroups:
         if groups is None:
             t0 = time.perf_counter()
             shares = _shares(ids, self.ex.num_pools)
-            items = [it for part in self.ex.map_pool("embed", epoch, shares, self.cfg.aggregate.tgr_probe) for it in part]
-            items.sort(key=lambda it: it["teacher"])
+            items = _gather(self.ex.map_pool("embed", epoch, shares, self.cfg.aggregate.tgr_probe))
             # The embedding phase's recovered data is real work: it enters the bank too.
             self.ex.get(self.ex.call(self.ex.meta, "add_recovered", items))
             sim = task_similarity(torch.stack([torch.from_numpy(np.asarray(it["embedding"])) for it in items]))
@@ -244,7 +249,7 @@ class TaskGroups:
 
 def _purer_round(ex, ml, r: int, shares: list[list[int]], entries, loss_cfg: dict) -> dict:
     t0 = time.perf_counter()
-    rows = ex.get(ex.call(ml, "purer_rows", {t: entries[t].record.classes for s in shares for t in s}))
+    rows = ex.get(ex.call(ml, "purer_rows", {t: entries[t].global_classes for s in shares for t in s}))
     parts = ex.map_pool("purer_grads", r, [{t: rows[t] for t in s} for s in shares], loss_cfg)
     grads = {t: g for part in parts for t, g in part.items()}
     out = ex.get(ex.call(ml, "purer_step", r, grads))

@@ -57,10 +57,13 @@ class MetaLearner:
             sc = self.cfg.synth
             self.meta_gen = MetaGenerator(nz=sc.nz, ngf=sc.ngf, image_size=image_size(self.cfg), lr=sc.meta_lr,
                                           seed=task_seed(self.cfg.seed, 37), device=self.device)
-        self.val_split = None
+        self.val_splits = {}                      # domain -> meta_val split (one entry outside md)
         if load_val:
-            self.val_split = load_split(Path(self.cfg.data.data_root).resolve(), self.cfg.data.dataset, "meta_val",
-                                        image_size=self.cfg.data.image_size)
+            from .pool import pool_datasets
+
+            root = Path(self.cfg.data.data_root).resolve()
+            self.val_splits = {d: load_split(root, d, "meta_val", image_size=self.cfg.data.image_size)
+                               for d in pool_datasets(self.cfg)}
 
     # --- helpers -----------------------------------------------------------------------------
 
@@ -75,8 +78,14 @@ class MetaLearner:
         for n, p in self.params.items():
             g = grads.get(n)
             p.grad = None if g is None else g.detach().to(p.device)
+        self._last_grad = {n: g.detach() for n, g in grads.items()}
         self.opt.step()
         self.meta_updates += 1
+
+    def last_meta_grad(self) -> np.ndarray:
+        """The gradient of the last meta-update, flat (what tests compare across executors)."""
+        return torch.cat([self._last_grad.get(n, torch.zeros_like(p)).flatten()
+                          for n, p in self.params.items()]).cpu().numpy()
 
     def flat_params(self) -> np.ndarray:
         return torch.cat([self.params[n].detach().flatten() for n in self.names]).cpu().numpy()
@@ -248,14 +257,21 @@ class MetaLearner:
 
         t0 = time.perf_counter()
         tr = self.cfg.train
-        res = evaluate(self.learner, {n: p.detach() for n, p in self.params.items()}, self.val_split,
-                       way=tr.way, shot=self.cfg.learner.train_shot, query=tr.query, tasks=tasks or tr.val_tasks,
-                       seed=self.cfg.seed + 1, device=self.device)
-        if res.accuracy > self.best_val:
-            self.best_val, self.best_round = res.accuracy, round_idx
+        params = {n: p.detach() for n, p in self.params.items()}
+        per_domain = {d: evaluate(self.learner, params, split, way=tr.way, shot=self.cfg.learner.train_shot,
+                                  query=tr.query, tasks=tasks or tr.val_tasks, seed=self.cfg.seed + 1,
+                                  device=self.device)
+                      for d, split in self.val_splits.items()}
+        # md: the mean over domains selects the model (each domain's own meta_val split).
+        acc = float(np.mean([r.accuracy for r in per_domain.values()]))
+        ci = float(np.sqrt(sum(r.ci95 ** 2 for r in per_domain.values())) / len(per_domain))
+        if acc > self.best_val:
+            self.best_val, self.best_round = acc, round_idx
             self.best_params = {n: p.detach().clone() for n, p in self.params.items()}
-        return {"val/acc": res.accuracy, "val/ci95": res.ci95, "val/best": self.best_val,
-                "time/val_s": time.perf_counter() - t0}
+        out = {"val/acc": acc, "val/ci95": ci, "val/best": self.best_val, "time/val_s": time.perf_counter() - t0}
+        if len(per_domain) > 1:
+            out.update({f"val/acc/{d}": r.accuracy for d, r in per_domain.items()})
+        return out
 
     # --- checkpointing ------------------------------------------------------------------------
 

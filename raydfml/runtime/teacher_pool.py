@@ -65,7 +65,12 @@ class TeacherPool:
         return self.teachers[index]
 
     def _normalize(self, x01: torch.Tensor) -> torch.Tensor:
+        """The meta-model's input convention (its dataset's statistics; the first domain's in md)."""
         return make_normalizer(self.spec.mean, self.spec.std, x01.device)(x01)
+
+    def spec_of(self, tid: int):
+        """The teacher's own dataset (its normalisation is what the teacher was trained with)."""
+        return get_spec(getattr(self.entries[tid], "dataset", None) or self.cfg.data.dataset)
 
     def _params(self, theta: np.ndarray) -> dict[str, torch.Tensor]:
         from ..learners import unflatten
@@ -81,7 +86,8 @@ class TeacherPool:
         return tuple(getattr(e, "global_classes", e.record.classes))
 
     def _recover_one(self, tid: int, seed: int):
-        return self.synth.synthesize(self.teacher(tid), self.classes_of(tid), self.spec.mean, self.spec.std, seed=seed)
+        spec = self.spec_of(tid)
+        return self.synth.synthesize(self.teacher(tid), self.classes_of(tid), spec.mean, spec.std, seed=seed)
 
     def _item(self, tid: int, rec) -> dict:
         return {"teacher": tid, "arch": self.entries[tid].record.arch,
@@ -147,9 +153,12 @@ class TeacherPool:
             k = min(shot, len(rows) - 1)
             s_idx.append(rows[:k]); q_idx.append(rows[k:])
         s_idx, q_idx = torch.cat(s_idx), torch.cat(q_idx)
-        xa = self._normalize(augment(x, self.cfg.train.augment, gen).to(self.device))
-        with torch.no_grad():
-            t_logits = teacher(xa)
+        x_aug = augment(x, self.cfg.train.augment, gen).to(self.device)
+        xa = self._normalize(x_aug)
+        tid = next((i for i, t in self.teachers.items() if t is teacher), None)
+        spec = self.spec_of(tid) if tid is not None else self.spec
+        with torch.no_grad():   # the teacher sees the same images in its own dataset's normalisation
+            t_logits = teacher(xa if spec is self.spec else make_normalizer(spec.mean, spec.std, x_aug.device)(x_aug))
         y = labels.to(self.device)
         return Task(xa[s_idx], y[s_idx], xa[q_idx], y[q_idx], t_logits[s_idx], t_logits[q_idx])
 
@@ -203,7 +212,8 @@ class TeacherPool:
         for tid in teacher_ids:
             seed = task_seed(self.cfg.seed, round_idx, tid)
             teacher = self.teacher(tid)
-            rec = adapt_generator(state, teacher, self.classes_of(tid), self.spec.mean, self.spec.std, seed,
+            spec = self.spec_of(tid)
+            rec = adapt_generator(state, teacher, self.classes_of(tid), spec.mean, spec.std, seed,
                                   steps=sc.steps, per_class=sc.per_class, lr_generator=sc.lr_generator,
                                   lr_latent=sc.lr_latent, ngf=sc.ngf, nz=sc.nz, image_size=image_size(self.cfg),
                                   augment=sc.augment, ce_weight=sc.ce_weight, bn_weight=sc.bn_weight,
@@ -237,7 +247,8 @@ class TeacherPool:
             seed = task_seed(self.cfg.seed, 43, round_idx, tid)
             rec = self._recover_one(tid, seed)
             item = self._item(tid, rec)
-            emb = fisher_embedding(net, rec.images, rec.labels, self.spec.mean, self.spec.std, seed=seed)
+            spec = self.spec_of(tid)
+            emb = fisher_embedding(net, rec.images, rec.labels, spec.mean, spec.std, seed=seed)
             item["embedding"] = emb.cpu().numpy().astype(np.float32)
             out.append(item)
         return out
@@ -249,9 +260,9 @@ class TeacherPool:
 
         out = {}
         for tid, x in rows.items():
-            classes = self.entries[tid].record.classes
+            classes, spec = self.classes_of(tid), self.spec_of(tid)
             rec = purer_teacher_loss(self.teacher(tid), classes, torch.from_numpy(np.asarray(x).copy()).to(self.device),
-                                     self.spec.mean, self.spec.std, seed=task_seed(self.cfg.seed, round_idx, tid, 1),
+                                     spec.mean, spec.std, seed=task_seed(self.cfg.seed, round_idx, tid, 1),
                                      **loss_cfg)
             out[tid] = {"classes": classes, "loss": rec.loss, "acc": rec.teacher_acc,
                         "grad": rec.state_grad["rows"].detach().cpu().numpy()}
