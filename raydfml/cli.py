@@ -103,12 +103,15 @@ def main(argv=None) -> int:
         return 0 if out["complete"] and not out["errors"] else 1
     if len(methods) > 1:
         return compare(args, methods)
+    from raydfml.report import domain_tables, results_table
     from raydfml.runtime.driver import run_experiment
-    from raydfml.report import results_table
 
     cfg = build_config(args, methods[0])
     results = run_experiment(cfg, resume=args.resume, progress=not args.quiet)
-    print(results_table(results).to_string())
+    domains = domain_tables(results)
+    print(("mean over domains\n" if domains else "") + results_table(results).to_string())
+    for domain, table in domains.items():
+        print(f"\n{domain}\n{table.to_string()}")
     print(f"\nrun directory: {results['run_dir']}  (wall {results['wall_s']:.0f}s)")
     for note in results.get("notes", []):
         print(f"note: {note}")

@@ -588,20 +588,21 @@ def prebuild_pools(sweep: Sweep, fixed: dict[str, Any], progress: bool = True) -
     import ray
 
     from .data.layout import ensure_dataset
-    from .runtime.pool import prepare_pool, zoo_config, zoo_dir_for
+    from .runtime.pool import pool_datasets, pool_zoos, prepare_pool
 
     seen: dict[str, Any] = {}
     for point in trial_points(sweep):
         cfg = _resolve_point(sweep, point, fixed)
-        key = json.dumps([cfg.data.dataset, cfg.data.data_root, cfg.data.image_size, dataclasses.asdict(cfg.pool)],
-                         sort_keys=True, default=str)
+        key = json.dumps([cfg.data.dataset, cfg.data.domains, cfg.data.data_root, cfg.data.image_size,
+                          dataclasses.asdict(cfg.pool)], sort_keys=True, default=str)
         seen.setdefault(key, cfg)
     workers = max(1, min(4, int(ray.cluster_resources().get("CPU", 1))))
     built = []
     for cfg in seen.values():
-        ensure_dataset(Path(cfg.data.data_root), cfg.data.dataset)
+        for dataset in pool_datasets(cfg):         # md: every domain
+            ensure_dataset(Path(cfg.data.data_root), dataset)
         prepare_pool(cfg, workers, progress)
-        built += [str(zoo_dir_for(cfg, zoo_config(cfg, a))) for a in cfg.pool.archs]
+        built += [str(zoo_dir) for _, zoo_dir, _ in pool_zoos(cfg)]
     return sorted(set(built))
 
 

@@ -189,7 +189,7 @@ class TeacherPool:
 
     def recover_free(self, round_idx: int, teacher_ids: list[int], gen_state: np.ndarray,
                      theta: np.ndarray | None) -> list[dict]:
-        """Adapt the meta-generator (flat ``gen_state``) to each teacher in ``synth.steps`` steps.
+        """Adapt the meta-generator (flat ``gen_state``) to each teacher in ``synth.adapt_steps`` steps.
 
         With ``theta`` (after warm-up) the adversarial term uses the meta-model at theta as the
         student, and the recovered task travels back for the alignment step. Each item carries
@@ -214,7 +214,7 @@ class TeacherPool:
             teacher = self.teacher(tid)
             spec = self.spec_of(tid)
             rec = adapt_generator(state, teacher, self.classes_of(tid), spec.mean, spec.std, seed,
-                                  steps=sc.steps, per_class=sc.per_class, lr_generator=sc.lr_generator,
+                                  steps=sc.adapt_steps, per_class=sc.per_class, lr_generator=sc.lr_generator,
                                   lr_latent=sc.lr_latent, ngf=sc.ngf, nz=sc.nz, image_size=image_size(self.cfg),
                                   augment=sc.augment, ce_weight=sc.ce_weight, bn_weight=sc.bn_weight,
                                   student_forward=student, adv_weight=sc.adv_weight)
