@@ -8,9 +8,9 @@ order, as zoo teachers do). The probe teacher knows a mix (0, 2, 4, 6, 8) and is
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from raydfml.models import build_model
+from blob_teachers import fit_conv4
+
 
 MEAN = (0.5, 0.5, 0.5)
 STD = (0.29, 0.29, 0.29)
@@ -46,19 +46,6 @@ def normalize(x):
 
 def train_teacher(classes, seed: int, steps: int = 30, batch: int = 32):
     x, y = blob_images(classes, 30, seed=seed)
-    xn = normalize(x)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = build_model("conv4", num_classes=len(classes), image_size=SIZE)
-    opt = torch.optim.Adam(model.parameters(), lr=0.01)
-    g = torch.Generator().manual_seed(seed)
-    for _ in range(steps):
-        idx = torch.randint(0, len(x), (batch,), generator=g)
-        loss = F.cross_entropy(model(xn[idx]), y[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    opt.zero_grad(set_to_none=True)
-    return model.eval().requires_grad_(False)
+    return fit_conv4(normalize(x), y, len(classes), SIZE, seed=seed, steps=steps, lr=0.01, batch=batch)
 
 

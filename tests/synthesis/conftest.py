@@ -4,20 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from synth_blobs import one_thread, train_blob_teacher
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _single_thread():
-    # Module scope: autouse fixtures of a scope are set up before the other fixtures of that scope,
-    # so module-scoped results (e.g. a recovery shared by several tests) are computed under it too.
-    with one_thread():
-        yield
+from synth_blobs import train_blob_teacher
 
 
 @pytest.fixture(scope="session")
 def blob_teacher():
-    with one_thread():
-        model, acc = train_blob_teacher()
+    model, acc = train_blob_teacher()
     assert acc > 0.95, acc
     return model

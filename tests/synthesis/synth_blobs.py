@@ -4,12 +4,10 @@ cannot collide with another folder's conftest).
 """
 from __future__ import annotations
 
-import contextlib
-
 import torch
-import torch.nn.functional as F
 
-from raydfml.models import build_model
+from blob_teachers import fit_conv4
+
 
 MEAN = (0.5, 0.5, 0.5)
 STD = (0.29, 0.29, 0.29)
@@ -42,34 +40,11 @@ def train_blob_teacher(seed: int = 0, steps: int = 80, classes: int = 5, batch: 
     mean = torch.tensor(MEAN).view(1, 3, 1, 1)
     std = torch.tensor(STD).view(1, 3, 1, 1)
     xn = (x - mean) / std
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = build_model("conv4", num_classes=classes, image_size=SIZE)
-    opt = torch.optim.Adam(model.parameters(), lr=0.005)
-    g = torch.Generator().manual_seed(seed)
-    model.train()
-    for _ in range(steps):
-        idx = torch.randint(0, len(x), (batch,), generator=g)
-        loss = F.cross_entropy(model(xn[idx]), y[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    # The running averages from training are what a real teacher has, so keep them.
-    opt.zero_grad(set_to_none=True)
-    model.eval().requires_grad_(False)
+    # The running averages from training are what a real teacher has, so they are kept.
+    model = fit_conv4(xn, y, classes, SIZE, seed=seed, steps=steps, lr=0.005, batch=batch)
     xt, yt = blob_images(40, classes, seed=seed + 100)
     with torch.no_grad():
         acc = (model((xt - mean) / std).argmax(1) == yt).float().mean().item()
     return model, acc
 
 
-@contextlib.contextmanager
-def one_thread():
-    # On a small shared CPU, torch's intra-op threads oversubscribe it and tiny convolutions get
-    # an order of magnitude slower; one thread is the fastest setting for these sizes.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
