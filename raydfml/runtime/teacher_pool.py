@@ -98,7 +98,7 @@ class TeacherPool:
                 return_task: bool = False) -> list[dict]:
         """Invert each teacher; with ``theta``, also its gradient for the meta-model at theta.
 
-        ``grad="meta"``: the learner's meta-gradient of the teacher's task (``distill_grad``);
+        ``grad="meta"``: the learner's meta-gradient of the teacher's task (distillation on the query);
         ``grad="task"``: the gradient of the whole-task loss ``L_i`` (FREE/TGR's per-teacher loss).
         ``return_task``: the task itself travels back too (for aggregation in the MetaLearner).
         """
@@ -110,7 +110,7 @@ class TeacherPool:
             rec = self._recover_one(tid, seed)
             item = self._item(tid, rec)
             if params is not None or return_task:
-                task = self.teacher_task(self.teacher(tid), rec.images, rec.labels, seed)
+                task = self.teacher_task(tid, rec.images, rec.labels, seed)
                 self._tasks[(round_idx, tid)] = task
                 if return_task:
                     item["task"] = task_to_numpy(task)
@@ -131,12 +131,12 @@ class TeacherPool:
             if task is None:
                 seed = task_seed(self.cfg.seed, round_idx, tid)
                 rec = self._recover_one(tid, seed)
-                task = self._tasks[(round_idx, tid)] = self.teacher_task(self.teacher(tid), rec.images, rec.labels, seed)
+                task = self._tasks[(round_idx, tid)] = self.teacher_task(tid, rec.images, rec.labels, seed)
             g, stats = self._task_grad(task, self._params(theta))
             out[tid] = {"grad": g, "loss": stats["loss"]}
         return out
 
-    def teacher_task(self, teacher, images01, labels, seed: int):
+    def teacher_task(self, tid: int, images01, labels, seed: int):
         """One teacher's recovered images as a task: per-image augmentation, normalisation, the
         teacher's logits on exactly those inputs, and a per-class support/query split (``train_shot``
         support images per class, the rest query)."""
@@ -155,16 +155,12 @@ class TeacherPool:
         s_idx, q_idx = torch.cat(s_idx), torch.cat(q_idx)
         x_aug = augment(x, self.cfg.train.augment, gen).to(self.device)
         xa = self._normalize(x_aug)
-        tid = next((i for i, t in self.teachers.items() if t is teacher), None)
-        spec = self.spec_of(tid) if tid is not None else self.spec
+        spec = self.spec_of(tid)
+        own = (spec.mean, spec.std) == (self.spec.mean, self.spec.std)
         with torch.no_grad():   # the teacher sees the same images in its own dataset's normalisation
-            t_logits = teacher(xa if spec is self.spec else make_normalizer(spec.mean, spec.std, x_aug.device)(x_aug))
+            t_logits = self.teacher(tid)(xa if own else make_normalizer(spec.mean, spec.std, x_aug.device)(x_aug))
         y = labels.to(self.device)
         return Task(xa[s_idx], y[s_idx], xa[q_idx], y[q_idx], t_logits[s_idx], t_logits[q_idx])
-
-    def distill_grad(self, teacher, images01, labels, params, seed: int) -> tuple[np.ndarray, dict]:
-        """The learner's meta-gradient of one teacher's recovered task (distillation on the query)."""
-        return self._meta_grad(self.teacher_task(teacher, images01, labels, seed), params)
 
     def _meta_grad(self, task, params) -> tuple[np.ndarray, dict]:
         from ..learners import flatten
@@ -221,7 +217,7 @@ class TeacherPool:
             item = self._item(tid, rec)
             item["state_grad"] = flatten(rec.state_grad, list(self._gen_like)).numpy().astype(np.float32)
             if theta is not None:
-                item["task"] = task_to_numpy(self.teacher_task(teacher, rec.images, rec.labels, seed))
+                item["task"] = task_to_numpy(self.teacher_task(tid, rec.images, rec.labels, seed))
             out.append(item)
         return out
 
