@@ -68,7 +68,7 @@ def igr_first_order_local(loss_fns: Sequence[LossFn], params: Mapping[str, Tenso
         G = _grad(fn, displaced, names, losses)
         for n in names:
             out[n] += G[n] / len(loss_fns)
-    return out, {"loss": sum(losses) / len(losses), "spread": _spread(flat, g_bar)}
+    return out, {"loss": sum(losses) / len(losses), "spread": gradient_spread(flat, g_bar)}
 
 
 def igr_exact(loss_fns: Sequence[LossFn], params: Mapping[str, Tensor], eta: float = TGR_ETA) -> tuple[Params, dict]:
@@ -100,7 +100,7 @@ def igr_exact(loss_fns: Sequence[LossFn], params: Mapping[str, Tensor], eta: flo
         grads = torch.autograd.grad(objective, xs, allow_unused=True)
     out = {n: (torch.zeros_like(x) if d is None else d.detach()) for n, x, d in zip(names, xs, grads)}
     flat = [torch.cat([d.detach().reshape(-1) for d in gi]) for gi in g]
-    return out, {"loss": float(objective.detach()), "spread": _spread(flat, torch.stack(flat).mean(0))}
+    return out, {"loss": float(objective.detach()), "spread": gradient_spread(flat, torch.stack(flat).mean(0))}
 
 
 def task_losses(learner, tasks: Sequence) -> list[LossFn]:
@@ -135,8 +135,8 @@ def _add_flat(params: Mapping[str, Tensor], vec: Tensor, names: list[str]) -> Pa
     return out
 
 
-def _spread(flat: list[Tensor], g_bar: Tensor) -> float:
+def gradient_spread(flat: list[Tensor], g_bar: Tensor) -> float:
     return float(sum((f - g_bar).pow(2).sum() for f in flat) / (2 * len(flat)))
 
 
-__all__ = ["TGR_ETA", "igr_exact", "igr_first_order", "igr_first_order_local", "task_losses"]
+__all__ = ["TGR_ETA", "gradient_spread", "igr_exact", "igr_first_order", "igr_first_order_local", "task_losses"]

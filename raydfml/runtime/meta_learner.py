@@ -144,13 +144,12 @@ class MetaLearner:
 
     def tgr_displaced(self, grads: list[np.ndarray]) -> tuple[list[np.ndarray], dict]:
         """Phase 1 -> 2 of first-order IGR: each teacher's displaced state θ - η(ḡ - g_i), flat."""
-        from ..aggregation.tgr import igr_first_order
+        from ..aggregation.tgr import gradient_spread, igr_first_order
 
         flat = [torch.from_numpy(np.asarray(g)) for g in grads]
         g_bar, offsets = igr_first_order(flat, self.cfg.aggregate.tgr_eta)
         theta = torch.from_numpy(self.flat_params())
-        spread = float(sum((f - g_bar).pow(2).sum() for f in flat) / (2 * len(flat)))
-        return [(theta + off).numpy() for off in offsets], {"tgr/spread": spread}
+        return [(theta + off).numpy() for off in offsets], {"tgr/spread": gradient_spread(flat, g_bar)}
 
     def tgr_exact_step(self, items: list[dict]) -> dict:
         """Exact (second-order) IGR over the group's tasks, all in this process, then one step."""
