@@ -15,7 +15,6 @@ meta-trains on episodes drawn round-robin from every domain's meta_train split.
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -23,9 +22,8 @@ from tqdm.auto import tqdm
 
 from .config import ExperimentConfig
 from .data.episodes import EpisodeSampler
-from .data.layout import load_split
 from .data.transforms import normalize
-from .runtime.parts import build_learner_for, build_meta_model, task_seed
+from .runtime.parts import build_learner_for, build_meta_model, meta_split, task_seed
 from .runtime.pool import pool_datasets
 from .utils import resolve_device
 
@@ -57,9 +55,8 @@ def with_data_episodes(cfg: ExperimentConfig):
     evenly; each domain has its own seeded sampler (domain 0's seed is the single-dataset one).
     """
     lc, tr = cfg.learner, cfg.train
-    root = Path(cfg.data.data_root).resolve()
     datasets = pool_datasets(cfg)
-    splits = [load_split(root, d, "meta_train", image_size=cfg.data.image_size) for d in datasets]
+    splits = [meta_split(cfg, d, "meta_train") for d in datasets]
     samplers = [EpisodeSampler(split, way=tr.way, shot=lc.train_shot, query=lc.train_query,
                                seed=task_seed(cfg.seed, 31, d) if d else task_seed(cfg.seed, 31))
                 for d, split in enumerate(splits)]
@@ -114,8 +111,7 @@ def _evaluate_one(cfg_dict: dict, params: dict, shot: int, device: str | None = 
 
     cfg = ExperimentConfig.from_dict(cfg_dict)
     dev = torch.device(device) if device else worker_device(cfg.runtime.device)
-    split = load_split(Path(cfg.data.data_root).resolve(), dataset or cfg.data.dataset, "meta_test",
-                       image_size=cfg.data.image_size)
+    split = meta_split(cfg, dataset or cfg.data.dataset, "meta_test")
     learner = build_learner_for(cfg, build_meta_model(cfg).to(dev))
     tr = cfg.train
     res = evaluate(learner, {n: v.to(dev) for n, v in params.items()}, split, way=tr.way, shot=shot,

@@ -13,6 +13,7 @@ from torch import nn
 
 from ..errors import UserError
 from .conv4 import Conv4
+from .resample import NativeResolution, resize
 from .generator import Generator
 from .resnet import ResNet, resnet10, resnet18, resnet50
 
@@ -30,4 +31,4 @@ def build_model(arch: str, num_classes: int = 5, image_size: int = 32, width: fl
     return builders[arch](num_classes=num_classes, width=width, track_bn_stats=track_bn_stats)
 
 
-__all__ = ["ARCHS", "build_model", "Conv4", "ResNet", "Generator", "resnet10", "resnet18", "resnet50"]
+__all__ = ["ARCHS", "build_model", "NativeResolution", "resize", "Conv4", "ResNet", "Generator", "resnet10", "resnet18", "resnet50"]

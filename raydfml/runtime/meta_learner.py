@@ -7,9 +7,7 @@ parameters that scored best on meta-val (model selection never looks at meta-tes
 from __future__ import annotations
 
 import copy
-import random
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -17,11 +15,10 @@ import torch
 from ..aggregation import aggregate
 from ..config import ExperimentConfig
 from ..data.augment import augment
-from ..data.layout import load_split
 from ..data.registry import get_spec
-from ..synthesis.base import make_normalizer
 from .bank import TaskMemoryBank
-from .parts import build_learner_for, build_meta_model, task_seed
+from .parts import build_learner_for, build_meta_model, image_size, meta_split, task_seed
+from .pool import class_dataset, pool_datasets
 
 
 class MetaLearner:
@@ -32,7 +29,6 @@ class MetaLearner:
         self.device = torch.device(device) if device else worker_device(self.cfg.runtime.device,
                                                                          threads=self.cfg.runtime.meta_threads)
         torch.manual_seed(task_seed(self.cfg.seed, 1))
-        self.spec = get_spec(self.cfg.data.dataset)
         self.model = build_meta_model(self.cfg).to(self.device)
         self.learner = build_learner_for(self.cfg, self.model)
         self.names = [n for n, _ in self.model.named_parameters()]
@@ -52,26 +48,31 @@ class MetaLearner:
         self.meta_gen = None                      # FREE's meta-generator (weights + persistent meta-Adam)
         if self.cfg.synth.name == "free":
             from ..synthesis.free import MetaGenerator
-            from .parts import image_size
 
             sc = self.cfg.synth
             self.meta_gen = MetaGenerator(nz=sc.nz, ngf=sc.ngf, image_size=image_size(self.cfg), lr=sc.meta_lr,
                                           seed=task_seed(self.cfg.seed, 37), device=self.device)
         self.val_splits = {}                      # domain -> meta_val split (one entry outside md)
         if load_val:
-            from .pool import pool_datasets
-
-            root = Path(self.cfg.data.data_root).resolve()
-            self.val_splits = {d: load_split(root, d, "meta_val", image_size=self.cfg.data.image_size)
-                               for d in pool_datasets(self.cfg)}
+            self.val_splits = {d: meta_split(self.cfg, d, "meta_val") for d in pool_datasets(self.cfg)}
 
     # --- helpers -----------------------------------------------------------------------------
 
     def ping(self) -> bool:
         return True
 
-    def _normalize(self, x01: torch.Tensor) -> torch.Tensor:
-        return make_normalizer(self.spec.mean, self.spec.std, x01.device)(x01)
+    def _normalize(self, x01: torch.Tensor, labels: torch.Tensor, classes: tuple[int, ...]) -> torch.Tensor:
+        """Each row with its class's dataset statistics (``labels[i]`` indexes ``classes``).
+
+        The meta-model meets every domain as its real episodes are normalised at meta-test (md on
+        real data: CIFAR-FS rows with CIFAR statistics, miniImageNet/CUB rows with ImageNet's), so a
+        task that mixes domains is normalised row by row.
+        """
+        specs = [get_spec(class_dataset(self.cfg, c)) for c in classes]
+        mean = torch.tensor([s.mean for s in specs], dtype=x01.dtype, device=x01.device)
+        std = torch.tensor([s.std for s in specs], dtype=x01.dtype, device=x01.device)
+        idx = torch.as_tensor(labels, device=x01.device)
+        return (x01 - mean[idx][:, :, None, None]) / std[idx][:, :, None, None]
 
     def _step(self, grads: dict[str, torch.Tensor]) -> None:
         self.opt.zero_grad(set_to_none=True)
@@ -175,8 +176,9 @@ class MetaLearner:
         if sampled is None:
             return None
         x_s, y_s, x_q, y_q = (v.detach() if torch.is_tensor(v) else v for v in sampled[:4])
-        x_s = self._normalize(augment(x_s.float(), t.augment, self.aug_gen).to(self.device))
-        x_q = self._normalize(augment(x_q.float(), t.augment, self.aug_gen).to(self.device))
+        classes = sampled[4]
+        x_s = self._normalize(augment(x_s.float(), t.augment, self.aug_gen).to(self.device), y_s, classes)
+        x_q = self._normalize(augment(x_q.float(), t.augment, self.aug_gen).to(self.device), y_q, classes)
         return Task(x_s, y_s.to(self.device), x_q, y_q.to(self.device))
 
     def replay(self, batches: int) -> dict:
@@ -232,9 +234,10 @@ class MetaLearner:
         import torch.nn.functional as F
 
         lc, t = self.cfg.learner, self.cfg.train
-        x_s, y_s, x_q, y_q, _ = self.purer.sample_task(t.way, lc.train_shot, lc.train_query, self.aug_gen, images=images)
-        x_s = self._normalize(augment(x_s, t.augment, self.aug_gen))
-        x_q = self._normalize(augment(x_q, t.augment, self.aug_gen))
+        x_s, y_s, x_q, y_q, classes = self.purer.sample_task(t.way, lc.train_shot, lc.train_query, self.aug_gen,
+                                                             images=images)
+        x_s = self._normalize(augment(x_s, t.augment, self.aug_gen), y_s, classes)
+        x_q = self._normalize(augment(x_q, t.augment, self.aug_gen), y_q, classes)
         params = {n: p.detach() for n, p in self.params.items()}
         fast = self.learner.adapt(params, x_s, y_s, create_graph=True)
         return -F.cross_entropy(self.learner.forward(fast, x_q), y_q)
@@ -242,7 +245,6 @@ class MetaLearner:
     def _build_purer(self, classes: list[int]):
         """One learnable set of rows per global class the pool's teachers know."""
         from ..synthesis.purer import PurerDataset
-        from .parts import image_size
 
         sc = self.cfg.synth
         return PurerDataset(classes=classes, per_class=sc.per_class, image_size=image_size(self.cfg),

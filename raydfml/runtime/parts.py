@@ -14,7 +14,27 @@ from ..models import build_model
 
 
 def image_size(cfg: ExperimentConfig) -> int:
-    return cfg.data.image_size or get_spec(cfg.data.dataset).image_size
+    """The meta-model's working resolution: ``data.image_size``, else the largest native size of the
+    pool's datasets (md on real data: CIFAR-FS 32 px + miniImageNet/CUB 84 px -> 84).
+
+    Everything the meta-model sees is at this size: recovered images, the task memory bank, the real
+    meta-val/meta-test/with-data episodes (``meta_split``). Each teacher sees its inputs resized to
+    the size it was trained at (``TeacherPool.teacher``, ``models.NativeResolution``).
+    """
+    if cfg.data.image_size:
+        return int(cfg.data.image_size)
+    from .pool import pool_datasets
+
+    return max(get_spec(d).image_size for d in pool_datasets(cfg))
+
+
+def meta_split(cfg: ExperimentConfig, dataset: str, split: str):
+    """A real split as the meta-model sees it: ``dataset``'s images at the working resolution."""
+    from pathlib import Path
+
+    from ..data.layout import load_split
+
+    return load_split(Path(cfg.data.data_root).resolve(), dataset, split, image_size=image_size(cfg))
 
 
 def build_meta_model(cfg: ExperimentConfig) -> torch.nn.Module:

@@ -58,6 +58,15 @@ def class_offset(cfg: ExperimentConfig, dataset: str) -> int:
     return CLASS_OFFSET_STRIDE * datasets.index(dataset)
 
 
+def class_dataset(cfg: ExperimentConfig, global_class: int) -> str:
+    """The dataset (domain) a global class id belongs to (inverse of ``class_offset``)."""
+    datasets = pool_datasets(cfg)
+    domain = int(global_class) // CLASS_OFFSET_STRIDE
+    if not 0 <= domain < len(datasets):
+        raise ValueError(f"global class {global_class} lies outside the pool's {len(datasets)} dataset(s)")
+    return datasets[domain]
+
+
 def zoo_config(cfg: ExperimentConfig, arch: str, dataset: str | None = None) -> ZooConfig:
     """The zoo of ``arch`` teachers on ``dataset`` (default ``data.dataset``)."""
     p = cfg.pool

@@ -27,9 +27,9 @@ from ..config import ExperimentConfig
 from ..data.augment import augment
 from ..data.registry import get_spec
 from ..synthesis.base import make_normalizer
-from ..data.transforms import normalize
+from ..models import NativeResolution
 from ..zoo import load_teacher
-from .parts import build_learner_for, build_meta_model, build_synthesizer, task_seed
+from .parts import build_learner_for, build_meta_model, build_synthesizer, image_size, task_seed
 from .pool import PoolEntry
 
 
@@ -41,7 +41,6 @@ class TeacherPool:
         self.device = torch.device(device) if device else worker_device(self.cfg.runtime.device)
         self.entries = {e.index: e for e in entries}
         self.teachers: dict[int, torch.nn.Module] = {}
-        self.spec = get_spec(self.cfg.data.dataset)
         self.synth = build_synthesizer(self.cfg)
         self.meta_model = build_meta_model(self.cfg).to(self.device)
         self.learner = build_learner_for(self.cfg, self.meta_model)
@@ -59,17 +58,19 @@ class TeacherPool:
         return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
 
     def teacher(self, index: int) -> torch.nn.Module:
+        """Teacher ``index``, taking images at the working resolution: one trained at another size
+        (md on real data: CIFAR-FS teachers at 32 px among 84-px ones) sees them resized to its own."""
         if index not in self.teachers:
             e = self.entries[index]
-            self.teachers[index] = load_teacher(e.zoo_dir, e.record, self.device)
+            net = load_teacher(e.zoo_dir, e.record, self.device)
+            if e.record.image_size != image_size(self.cfg):
+                net = NativeResolution(net, e.record.image_size)
+            self.teachers[index] = net
         return self.teachers[index]
 
-    def _normalize(self, x01: torch.Tensor) -> torch.Tensor:
-        """The meta-model's input convention (its dataset's statistics; the first domain's in md)."""
-        return make_normalizer(self.spec.mean, self.spec.std, x01.device)(x01)
-
     def spec_of(self, tid: int):
-        """The teacher's own dataset (its normalisation is what the teacher was trained with)."""
+        """The teacher's own dataset: its statistics normalise the teacher's inputs and, in the
+        teacher's task, the meta-model's (as that dataset's real episodes are at meta-test)."""
         return get_spec(getattr(self.entries[tid], "dataset", None) or self.cfg.data.dataset)
 
     def _params(self, theta: np.ndarray) -> dict[str, torch.Tensor]:
@@ -154,11 +155,10 @@ class TeacherPool:
             s_idx.append(rows[:k]); q_idx.append(rows[k:])
         s_idx, q_idx = torch.cat(s_idx), torch.cat(q_idx)
         x_aug = augment(x, self.cfg.train.augment, gen).to(self.device)
-        xa = self._normalize(x_aug)
         spec = self.spec_of(tid)
-        own = (spec.mean, spec.std) == (self.spec.mean, self.spec.std)
-        with torch.no_grad():   # the teacher sees the same images in its own dataset's normalisation
-            t_logits = self.teacher(tid)(xa if own else make_normalizer(spec.mean, spec.std, x_aug.device)(x_aug))
+        xa = make_normalizer(spec.mean, spec.std, x_aug.device)(x_aug)
+        with torch.no_grad():   # the teacher's logits on exactly the meta-model's inputs
+            t_logits = self.teacher(tid)(xa)
         y = labels.to(self.device)
         return Task(xa[s_idx], y[s_idx], xa[q_idx], y[q_idx], t_logits[s_idx], t_logits[q_idx])
 
@@ -194,7 +194,6 @@ class TeacherPool:
         from ..learners import flatten, unflatten
         from ..synthesis.free import adapt_generator, new_generator
         from torch.func import functional_call
-        from .parts import image_size
 
         sc = self.cfg.synth
         if self._gen_like is None:
@@ -231,7 +230,6 @@ class TeacherPool:
         are ``recover``'s plus ``embedding`` (flat float32). Seeded apart from the training rounds.
         """
         from ..aggregation.task_space import fisher_embedding, make_probe
-        from .parts import image_size
 
         if probe == "teacher":
             net = self.teacher(0)

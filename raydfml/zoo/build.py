@@ -14,7 +14,6 @@ unstable on short CPU budgets (reference/glyph_probe.md).
 from __future__ import annotations
 
 import copy
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
