@@ -7,7 +7,8 @@ Layout of ``run_dir``::
     tb/              tensorboardX event files: scalars (tags = metric keys), image grids, the config
     results.md       Markdown table: rows = models (method, then baselines), cols "5-way 1-shot", ...
                      (scenario md: the mean over domains, then one such table per domain)
-    results.csv      the same results, numeric and long: model, way, shot, tasks, accuracy, ci95
+    results.csv      the same results, numeric and long: model, domain (md; else empty), way, shot,
+                     tasks, accuracy, ci95
     meta_val.png     meta-val accuracy (metrics column "val/acc") over rounds, when logged
     results.json     written last and atomically: its presence means the run completed
 
@@ -96,15 +97,29 @@ def _models(results: Mapping) -> list[tuple[str, list[dict] | None]]:
     return rows
 
 
+def _domain_results(results: Mapping) -> dict[str, dict]:
+    """Scenario md: each domain's meta-test (``results["meta_test_domains"]``, ``{domain: {model:
+    [records]}}``) shaped like the headline results, in the domains' order; ``{}`` without domains."""
+    method = str(results.get("method", "method"))
+    out = {}
+    for domain, per_model in (results.get("meta_test_domains") or {}).items():
+        per_model = dict(per_model or {})
+        out[str(domain)] = {"method": method, "meta_test": per_model.pop(method, None), "baselines": per_model}
+    return out
+
+
 def results_long(results: Mapping) -> pd.DataFrame:
-    """Numeric long table: one row per (model, way, shot) with tasks, accuracy and ci95 (percent)."""
+    """Numeric long table: one row per (model, domain, way, shot) with tasks, accuracy and ci95
+    (percent). ``domain`` is empty for the headline records (scenario md: the mean over domains) and
+    names the domain for md's per-domain records, as in a comparison's ``comparison.csv``."""
     rows = []
-    for model, recs in _models(results):
-        for r in recs or []:
-            rows.append({"model": model, "way": int(r["way"]), "shot": int(r["shot"]),
-                         "tasks": int(r.get("tasks", 0)), "accuracy": float(r["accuracy"]),
-                         "ci95": float(r["ci95"])})
-    return pd.DataFrame(rows, columns=["model", "way", "shot", "tasks", "accuracy", "ci95"])
+    for domain, res in {"": results, **_domain_results(results)}.items():
+        for model, recs in _models(res):
+            for r in recs or []:
+                rows.append({"model": model, "domain": domain, "way": int(r["way"]), "shot": int(r["shot"]),
+                             "tasks": int(r.get("tasks", 0)), "accuracy": float(r["accuracy"]),
+                             "ci95": float(r["ci95"])})
+    return pd.DataFrame(rows, columns=["model", "domain", "way", "shot", "tasks", "accuracy", "ci95"])
 
 
 def results_table(results: Mapping) -> pd.DataFrame:
@@ -163,13 +178,7 @@ def format_markdown(df: pd.DataFrame, index: bool = True) -> str:
 def domain_tables(results: Mapping) -> dict[str, pd.DataFrame]:
     """Scenario md: :func:`results_table` of each domain's own meta-test (``results["meta_test_domains"]``,
     ``{domain: {model: [records]}}``), in the domains' order; ``{}`` when the results have none."""
-    method = str(results.get("method", "method"))
-    tables = {}
-    for domain, per_model in (results.get("meta_test_domains") or {}).items():
-        per_model = dict(per_model or {})
-        tables[str(domain)] = results_table({"method": method, "meta_test": per_model.pop(method, None),
-                                             "baselines": per_model})
-    return tables
+    return {domain: results_table(res) for domain, res in _domain_results(results).items()}
 
 
 def _results_markdown(results: Mapping) -> str:

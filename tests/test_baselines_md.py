@@ -5,6 +5,7 @@ import json
 import math
 from itertools import islice
 
+import pandas as pd
 import pytest
 import torch
 
@@ -106,3 +107,7 @@ def test_results_md_has_a_table_per_domain(md_results, tmp_path):
     saved = json.loads((tmp_path / "run" / "results.json").read_text())
     assert saved["meta_test_domains"] == res["meta_test_domains"]
 
+    csv = pd.read_csv(tmp_path / "run" / "results.csv", keep_default_na=False)
+    assert list(csv["domain"].unique()) == ["", *DOMAINS]          # the mean first, then each domain
+    row = csv[(csv["domain"] == DOMAINS[1]) & (csv["model"] == "random_init") & (csv["shot"] == rec["shot"])]
+    assert len(row) == 1 and row["accuracy"].item() == pytest.approx(rec["accuracy"])

@@ -88,7 +88,8 @@ def test_finish_writes_all_results(tmp_path):
     md = (run / "results.md").read_text()
     assert "48.4 ± 1.1" in md and "63.0 ± 0.9" in md and "5-way 1-shot" in md and "teacher_average" in md
     csv = pd.read_csv(run / "results.csv")
-    assert list(csv.columns) == ["model", "way", "shot", "tasks", "accuracy", "ci95"]
+    assert list(csv.columns) == ["model", "domain", "way", "shot", "tasks", "accuracy", "ci95"]
+    assert csv["domain"].isna().all()           # one dataset: headline records only
     assert set(csv["model"]) == {"free", "random_init", "with_data"}
     png = (run / "meta_val.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
