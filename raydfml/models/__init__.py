@@ -31,4 +31,5 @@ def build_model(arch: str, num_classes: int = 5, image_size: int = 32, width: fl
     return builders[arch](num_classes=num_classes, width=width, track_bn_stats=track_bn_stats)
 
 
-__all__ = ["ARCHS", "build_model", "NativeResolution", "resize", "Conv4", "ResNet", "Generator", "resnet10", "resnet18", "resnet50"]
+__all__ = ["ARCHS", "build_model", "NativeResolution", "resize", "Conv4", "ResNet", "Generator", "resnet10",
+           "resnet18", "resnet50"]

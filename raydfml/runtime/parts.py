@@ -5,12 +5,16 @@ MetaLearner so both sides build identical meta-models.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 
 from ..config import ExperimentConfig
+from ..data.layout import load_split
 from ..data.registry import get_spec
 from ..models import build_model
+from .pool import pool_datasets
 
 
 def image_size(cfg: ExperimentConfig) -> int:
@@ -23,17 +27,11 @@ def image_size(cfg: ExperimentConfig) -> int:
     """
     if cfg.data.image_size:
         return int(cfg.data.image_size)
-    from .pool import pool_datasets
-
     return max(get_spec(d).image_size for d in pool_datasets(cfg))
 
 
 def meta_split(cfg: ExperimentConfig, dataset: str, split: str):
     """A real split as the meta-model sees it: ``dataset``'s images at the working resolution."""
-    from pathlib import Path
-
-    from ..data.layout import load_split
-
     return load_split(Path(cfg.data.data_root).resolve(), dataset, split, image_size=image_size(cfg))
 
 
