@@ -35,7 +35,7 @@ def main() -> None:
 
     from raydfml.config import resolve
     from raydfml.data.layout import ensure_dataset
-    from raydfml.runtime.cluster import ensure_ray
+    from raydfml.cluster import ensure_ray
     from raydfml.runtime.pool import prepare_pool
     from raydfml.runtime.teacher_pool import TeacherPool
 
@@ -61,16 +61,17 @@ def main() -> None:
     # in-process, one thread (the per-core reference)
     torch.set_num_threads(1)
     local = TeacherPool(cfg.to_dict(), entries, device="cpu")
-    local.recover(0, ids[:1], None)             # warm-up: load teachers, allocate
-    t_local = timed(lambda: local.recover(1, ids, None))
+    # TeacherPool.work(hook, round, teachers, per_teacher, theta, needs): recovery only (no gradient)
+    local.work("recover", 0, ids[:1], None, None, None)             # warm-up: load teachers, allocate
+    t_local = timed(lambda: local.work("recover", 1, ids, None, None, None))
 
     actor_cls = ray.remote(TeacherPool).options(num_cpus=1, num_gpus=0)
 
     def ray_variant(n: int) -> float:
         actors = [actor_cls.remote(cfg.to_dict(), entries) for _ in range(n)]
-        ray.get([a.recover.remote(0, ids[:1], None) for a in actors])   # warm-up
+        ray.get([a.work.remote("recover", 0, ids[:1], None, None, None) for a in actors])   # warm-up
         shares = [ids[i::n] for i in range(n)]
-        t = timed(lambda: ray.get([a.recover.remote(1, s, None) for a, s in zip(actors, shares)]))
+        t = timed(lambda: ray.get([a.work.remote("recover", 1, s, None, None, None) for a, s in zip(actors, shares)]))
         for a in actors:
             ray.kill(a)
         return t

@@ -23,9 +23,9 @@ from tqdm.auto import tqdm
 from .config import ExperimentConfig
 from .data.episodes import EpisodeSampler
 from .data.transforms import normalize
-from .runtime.parts import build_learner_for, build_meta_model, meta_split, task_seed
+from .runtime.parts import build_learner_for, build_meta_model, meta_split
 from .runtime.pool import pool_datasets
-from .utils import resolve_device
+from .utils import resolve_device, task_seed
 
 
 def random_init_params(cfg: ExperimentConfig) -> dict[str, torch.Tensor]:
@@ -96,7 +96,7 @@ def train_with_data(cfg: ExperimentConfig, meta_updates: int, device: torch.devi
 
 
 def _with_data_task(cfg_dict: dict, meta_updates: int) -> dict:
-    from .runtime.cluster import worker_device
+    from .cluster import worker_device
 
     cfg = ExperimentConfig.from_dict(cfg_dict)
     return train_with_data(cfg, meta_updates, worker_device(cfg.runtime.device))
@@ -107,7 +107,7 @@ def _evaluate_one(cfg_dict: dict, params: dict, shot: int, device: str | None = 
     """One (model, shot) cell of the results table on ``dataset``'s meta_test (default ``data.dataset``;
     md: one call per domain, same task seed); a Ray task body when workers > 0."""
     from .evaluation import evaluate
-    from .runtime.cluster import worker_device
+    from .cluster import worker_device
 
     cfg = ExperimentConfig.from_dict(cfg_dict)
     dev = torch.device(device) if device else worker_device(cfg.runtime.device)
@@ -165,14 +165,14 @@ def evaluate_final(cfg: ExperimentConfig, trained: dict | None, entries, progres
             import ray
 
             task = ray.remote(_with_data_task).options(num_cpus=1, num_gpus=0)
-            models["with_data"] = ray.get(task.remote(cfg.to_dict(), with_data_updates))
+            models["with_data"] = ray.get(task.remote(cfg.for_workers(), with_data_updates))
         else:
             models["with_data"] = train_with_data(cfg, with_data_updates, device, progress)
     t_wd = time.time() - t_wd
 
     datasets = pool_datasets(cfg)       # md: every domain's meta_test; else data.dataset alone
     cells = [(name, shot, ds) for name in models for shot in cfg.train.test_shots for ds in datasets]
-    cfg_dict = cfg.to_dict()
+    cfg_dict = cfg.for_workers()
     if cfg.runtime.workers > 0:
         import ray
 

@@ -8,7 +8,8 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    from raydfml.config import DEFAULT_METHOD, METHODS, PROFILES, SCENARIOS
+    from raydfml.config import DEFAULT_METHOD, PROFILES, SCENARIOS
+    from raydfml.methods import method_names
 
     p = argparse.ArgumentParser(
         prog="launch.py", formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -17,7 +18,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                "  python launch.py --scenario mr --set learner.inner_lr=0.05 --set train.rounds=40")
     p.add_argument("--scenario", default="mr", help=f"teacher-pool scenario: {', '.join(SCENARIOS)} (default mr)")
     p.add_argument("--method", default=None,
-                   help=f"method preset: {', '.join(METHODS)} (default: the scenario's, "
+                   help=f"method: {', '.join(method_names())} (default: the scenario's, "
                         f"{', '.join(f'{s} {m}' for s, m in DEFAULT_METHOD.items())}); several, comma-separated "
                         "(e.g. deepinv,purer), train each on the same pool and print one comparison table")
     p.add_argument("--profile", default="quick", help=f"compute budget: {', '.join(PROFILES)} (default quick)")
@@ -48,16 +49,16 @@ def parse_args(argv=None) -> argparse.Namespace:
 def method_names(value: str | None) -> list[str | None]:
     """``--method``'s comma-separated names, each checked against the registered methods up front
     (``[None]`` without ``--method``: the scenario's default method, resolved by config.resolve)."""
-    from raydfml.config import METHODS
     from raydfml.errors import UserError
+    from raydfml.methods import method_names
 
     if value is None:
         return [None]
     names = [m.strip() for m in value.split(",")]
     for name in names:
-        if name not in METHODS:
+        if name not in method_names():
             what = "an empty name" if not name else repr(name)
-            raise UserError(f"--method {value!r}: {what} is not a method; choose from {', '.join(METHODS)}")
+            raise UserError(f"--method {value!r}: {what} is not a method; choose from {', '.join(method_names())}")
     for name in names:
         if names.count(name) > 1:
             raise UserError(f"--method {value!r}: {name} is listed twice")
@@ -104,7 +105,7 @@ def main(argv=None) -> int:
     if len(methods) > 1:
         return compare(args, methods)
     from raydfml.report import domain_tables, results_table
-    from raydfml.runtime.driver import run_experiment
+    from raydfml.experiment import run_experiment
 
     cfg = build_config(args, methods[0])
     results = run_experiment(cfg, resume=args.resume, progress=not args.quiet)

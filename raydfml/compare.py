@@ -25,7 +25,8 @@ from . import baselines as _baselines
 from .config import ExperimentConfig, flatten
 from .errors import UserError
 from .report import COMPARISON_FILES, RESULTS_FILE, _jsonable, write_comparison
-from .runtime import driver
+from . import experiment
+from .runtime.driver import CHECKPOINT
 from .utils import seed_everything
 
 SHARED_BASELINES = ("random_init", "teacher_average")
@@ -94,7 +95,7 @@ def _plan(cfgs: list[ExperimentConfig], out: Path, resume: bool) -> dict[str, st
                 raise UserError(f"--resume: {run_dir} was run with another config ({mismatch}); "
                                 "use the original options or another --out")
         plan[cfg.method] = ("done" if done else
-                            "resume" if resume and (run_dir / driver.CHECKPOINT).is_file() else "fresh")
+                            "resume" if resume and (run_dir / CHECKPOINT).is_file() else "fresh")
     if resume and all(state == "fresh" for state in plan.values()):
         raise UserError(f"--resume: nothing to resume in {out} (no checkpoint or results.json of "
                         f"{', '.join(plan)})")
@@ -181,7 +182,7 @@ def run_comparison(cfgs: list[ExperimentConfig], out_dir: str | Path | None = No
         (out / name).unlink(missing_ok=True)
 
     seed_everything(ref.seed)
-    entries = driver.prepare_experiment(ref, resume=resume, progress=progress)   # data, Ray, pool: once
+    entries = experiment.prepare_experiment(ref, resume=resume, progress=progress)   # data, Ray, pool: once
     finished = {c.method: _read_json(Path(c.out) / RESULTS_FILE) for c in cfgs if plan[c.method] == "done"}
     shared = next((s for s in map(_shared_from, finished.values()) if s is not None), None)
     if shared is None:
@@ -198,7 +199,7 @@ def run_comparison(cfgs: list[ExperimentConfig], out_dir: str | Path | None = No
         print(f"[{i}/{len(cfgs)}] {cfg.method}: {'resuming' if state == 'resume' else 'training'} in {run_dir}",
               flush=True)
         seed_everything(cfg.seed)      # as run_experiment: each row is what a run of that method alone gives
-        results[cfg.method] = driver.run_method(cfg, run_dir, entries, resume=state == "resume",
+        results[cfg.method] = experiment.run_method(cfg, run_dir, entries, resume=state == "resume",
                                                 progress=progress, evaluate=evaluate)
 
     baseline_recs = dict(shared["baselines"])

@@ -46,7 +46,9 @@ class PoolConfig:
 
 @dataclass
 class SynthConfig:
-    name: str = "pixel"                 # pixel (DeepInversion) | generator (TGR's recovery) | purer | free
+    """The per-teacher synthesizer (``synth.name``, a name in ``raydfml.synthesis.SYNTHESIZERS``) and
+    the generator settings that FREE's meta-generator shares with it."""
+    name: str = "pixel"                 # pixel (DeepInversion in pixel space) | generator (TGR's recovery)
     per_class: int = 20                 # recovered images per class per teacher
     steps: int = 200                    # inversion steps per teacher visit (pixel, generator)
     lr_pixel: float = 0.25              # Adam lr of pixel-space inversion (PURER's data lr)
@@ -57,30 +59,13 @@ class SynthConfig:
     augment: str = "crop_flip"          # augmentation applied inside the inversion loop
     nz: int = 256                       # generator latent size (the seeds' value)
     ngf: int = 64                       # generator width; its convs dominate CPU cost (~ngf^2)
-    # PURER's learnable dataset and episode curriculum
-    purer_lr: float = 0.25
-    adv_start: int = 4000
-    patience: int = 6
-    adv_scale: float = 10.0
-    # FREE's meta-generator: adapted to each teacher in ``adapt_steps`` (FREE: 5) steps; ``warmup``
-    # rounds meta-train only the generator; ``meta_lr`` is the persistent meta-Adam's; ``adv_weight``
-    # the adversarial KL term's weight after warm-up.
-    adapt_steps: int = 5
-    warmup: int = 20
-    meta_lr: float = 1e-3
-    adv_weight: float = 1.0
 
 
 @dataclass
 class AggregationConfig:
-    """How the MetaLearner turns the round's per-teacher work into one meta-update."""
-    rule: str = "mean"                  # mean | free (sequential Reptile alignment) | tgr (grouped IGR)
-    free_scale: float = 67.0            # FREE: meta-gradient = scale * (theta - theta_copy)
-    tgr_groups: int = 5                 # TGR: heterogeneous groups over all teachers
-    tgr_eta: float = 1e-3               # TGR: displacement lr of the implicit gradient regularisation
-    tgr_form: str = "first_order"       # first_order (across actors, 2 phases) | exact (second order, MetaLearner)
-    tgr_regroup_every: int = 0          # re-embed and re-group every R rounds (0: groups fixed, as TGR)
-    tgr_probe: str = "random"           # Fisher probe: random (seeded Conv4) | teacher (pool teacher 0's body)
+    """How the MetaLearner turns the round's per-teacher work into one meta-update: the name of a
+    rule in ``raydfml.aggregation.RULES`` (its options are the section named after it, e.g. ``igr.eta``)."""
+    rule: str = "mean"                  # mean | align (FREE) | igr (TGR)
 
 
 @dataclass
@@ -131,6 +116,9 @@ class RuntimeConfig:
     meta_threads: int = 1               # torch threads of the MetaLearner on CPU (more oversubscribe small cores)
 
 
+SHARED_SECTIONS = ("data", "pool", "synth", "learner", "train", "runtime", "aggregate")
+
+
 @dataclass
 class ExperimentConfig:
     scenario: str = "mr"
@@ -145,18 +133,49 @@ class ExperimentConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     aggregate: AggregationConfig = field(default_factory=AggregationConfig)
+    # The typed option sections of this run's method and aggregation rule, keyed by their registered
+    # names (``--set free.warmup=4``, ``--set igr.eta=1e-3``); see ``section``.
+    sections: dict[str, Any] = field(default_factory=dict)
+
+    def section(self, name: str) -> Any:
+        """The option section of the part called ``name`` (this run's method or rule)."""
+        if name not in self.sections:
+            raise KeyError(f"this config has no {name!r} section (it has {', '.join(self.sections) or 'none'})")
+        return self.sections[name]
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Plain values; the part sections appear at the top level under their names."""
+        d = dataclasses.asdict(self)
+        d.pop("sections")
+        d.update({name: dataclasses.asdict(sec) for name, sec in self.sections.items()})
+        return d
+
+    def for_workers(self) -> dict[str, Any]:
+        """``to_dict()`` plus the parts it names that were registered outside the package (a user's own
+        method), for a config that goes to a Ray worker; ``from_dict`` there registers them first."""
+        from .plugins import user_parts
+
+        d = self.to_dict()
+        parts = user_parts(self)
+        if parts:
+            d["_parts"] = parts
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ExperimentConfig":
-        cfg = cls()
+        d = dict(d)
+        if "_parts" in d:
+            from .plugins import install
+
+            install(d.pop("_parts"))
+        cfg = cls(method=d.get("method", cls.method))
         apply_overrides(cfg, flatten(d))
         return cfg
 
 
 # --- presets -------------------------------------------------------------------------------------
+# Methods bring their own presets (``raydfml.methods``: each method's ``preset`` and ``profiles``);
+# what is here is shared by every method.
 
 SCENARIOS: dict[str, dict[str, Any]] = {
     # one dataset, one architecture
@@ -172,31 +191,15 @@ SCENARIOS: dict[str, dict[str, Any]] = {
 # The method `launch.py --scenario S` runs when --method is not given.
 DEFAULT_METHOD = {"mr": "deepinv", "ma": "free", "md": "free"}
 
-METHODS: dict[str, dict[str, Any]] = {
-    # DeepInversion per teacher (pixel space, the probe's recipe), per-teacher distillation gradients
-    # averaged by the MetaLearner, then MAML replay on the task memory bank.
-    "deepinv": {"synth.name": "pixel"},
-    # The same with TGR's recovery: inversion through a freshly initialised generator per teacher.
-    "geninv": {"synth.name": "generator"},
-    # PURER: one learnable synthetic dataset inverted from all teachers with the episode curriculum.
-    "purer": {"synth.name": "purer", "synth.per_class": 20, "train.kd_steps": 0},
-    # FREE: a meta-generator adapted to each teacher in 5 steps, the round's tasks aligned by sequential
-    # Reptile steps on a copy of the meta-model (meta-gradient = scale * (theta - theta_copy)).
-    "free": {"synth.name": "free", "synth.bn_weight": 0.0, "aggregate.rule": "free"},
-    # TGR: per-teacher generator recovery; teachers grouped by task dissimilarity (Fisher embeddings);
-    # one group per round, its task gradients regularised toward agreement (IGR).
-    "tgr": {"synth.name": "generator", "aggregate.rule": "tgr"},
-}
-
 PROFILES: dict[str, dict[str, Any]] = {
     "smoke": {
         "pool.num_per_arch": 4, "pool.epochs": 1,
-        "synth.steps": 5, "synth.per_class": 4, "synth.ngf": 8, "synth.adv_start": 2, "synth.patience": 2,
+        "synth.steps": 5, "synth.per_class": 4, "synth.ngf": 8,
         "train.rounds": 4, "train.teachers_per_round": 2, "train.replay_batches": 2, "train.eval_every": 2,
         "train.val_tasks": 5, "train.test_tasks": 10, "train.bank_per_class": 20,
         "learner.inner_steps": 1, "learner.test_inner_steps": 2, "learner.meta_batch": 2,
         "learner.train_shot": 1, "learner.train_query": 3,
-        "pool.width": 0.125, "pool.optimizer": "adam", "synth.warmup": 1, "aggregate.tgr_groups": 2,
+        "pool.width": 0.125, "pool.optimizer": "adam",
     },
     # The CPU default: minutes on 2 cores. Pixel inversion runs 15 steps (glyph conv4 teachers reach
     # 100% on their images within ~10 at lr 0.25); the geninv method's generator is narrowed to ngf 16
@@ -211,19 +214,13 @@ PROFILES: dict[str, dict[str, Any]] = {
         "synth.ngf": 16, "synth.steps": 15, "synth.per_class": 20,
         "train.rounds": 12, "train.teachers_per_round": 2, "train.replay_batches": 8, "train.eval_every": 4,
         "train.val_tasks": 60, "train.test_tasks": 600, "learner.train_query": 10,
-        "synth.adv_start": 6, "synth.patience": 6,
         # ma: ResNet teachers at an eighth of the seeds' width (conv4 is never narrowed), trained with
         # Adam (4 epochs: resnet10 0.98, resnet18 0.98 held-out; the seeds' SGD reached 0.34).
-        # FREE: warm-up shortened from 20 rounds to 4, and 15 adaptation steps instead of 5: measured on
-        # the ma pool, 5 steps left the teachers at 50-65% accuracy on the recovered images, the replay
-        # learner at chance and meta-val at random init (16 warm-up rounds instead of 4 did not help);
-        # 15 steps gave ~90% and meta-val 36.7 after 9 rounds.
-        "pool.width": 0.125, "pool.optimizer": "adam", "synth.warmup": 4, "synth.adapt_steps": 15,
-        "aggregate.tgr_groups": 3,
+        "pool.width": 0.125, "pool.optimizer": "adam",
     },
     "paper": {
         "pool.num_per_arch": 100, "pool.epochs": 60,
-        "synth.steps": 200, "synth.per_class": 30, "synth.adv_start": 4000,
+        "synth.steps": 200, "synth.per_class": 30,
         "train.rounds": 1200, "train.replay_batches": 16, "train.eval_every": 20, "train.val_tasks": 600,
         "train.test_tasks": 600, "learner.meta_batch": 4,
     },
@@ -240,6 +237,28 @@ SCENARIO_PROFILES: dict[tuple[str, str], dict[str, Any]] = {
 SMOKE_DATASET = {"data.dataset": "glyphs-smoke"}
 # ... and, for scenario md, two tiny single-script domains in place of the full-size ones.
 SMOKE_DOMAINS = {"data.domains": ("glyphs-smoke-latin", "glyphs-smoke-greek")}
+
+# Options that moved into a method's or a rule's own section: an old key gets a pointer, not a shrug.
+MOVED_KEYS = {
+    "synth.purer_lr": "purer.lr", "synth.adv_start": "purer.adv_start", "synth.patience": "purer.patience",
+    "synth.adv_scale": "purer.adv_scale", "synth.adapt_steps": "free.adapt_steps", "synth.warmup": "free.warmup",
+    "synth.meta_lr": "free.meta_lr", "synth.adv_weight": "free.adv_weight", "aggregate.free_scale": "align.scale",
+    "aggregate.tgr_groups": "tgr.groups", "aggregate.tgr_regroup_every": "tgr.regroup_every",
+    "aggregate.tgr_probe": "tgr.probe", "aggregate.tgr_eta": "igr.eta", "aggregate.tgr_form": "igr.form",
+}
+RENAMED_RULES = {"free": "align", "tgr": "igr"}
+
+
+def method_registry():
+    from .methods import METHODS
+
+    return METHODS
+
+
+def rule_registry():
+    from .aggregation import RULES
+
+    return RULES
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -274,18 +293,74 @@ def _coerce(value: Any, current: Any, key: str) -> Any:
         raise UserError(f"config {key}={value!r}: expected a {type(current).__name__}") from None
 
 
+def _set(obj: Any, key: str, name: str, value: Any) -> None:
+    if not dataclasses.is_dataclass(obj) or name not in {f.name for f in dataclasses.fields(obj)}:
+        raise UserError(f"config key {key!r}: unknown option")
+    setattr(obj, name, _coerce(value, getattr(obj, name), key))
+
+
+def _part_sections(cfg: ExperimentConfig) -> dict[str, Any]:
+    """Fresh option sections for the config's method and rule (those that declare one)."""
+    out: dict[str, Any] = {}
+    for name, registry in ((cfg.method, method_registry()), (cfg.aggregate.rule, rule_registry())):
+        section = getattr(registry.get(name) if name in registry else None, "Config", None)
+        if section is not None:
+            out[name] = cfg.sections.get(name) if isinstance(cfg.sections.get(name), section) else section()
+    return out
+
+
+def part_owner(name: str) -> str | None:
+    """``"method"`` or ``"aggregation rule"`` when ``name`` is the option section of such a part, else None."""
+    for kind, registry in (("method", method_registry()), ("aggregation rule", rule_registry())):
+        if name in registry and getattr(registry.get(name), "Config", None) is not None:
+            return kind
+    return None
+
+
 def apply_overrides(cfg: ExperimentConfig, overrides: dict[str, Any]) -> ExperimentConfig:
+    """Set dotted keys (``learner.inner_lr``, ``free.warmup``) on ``cfg``, coercing to each field's type.
+
+    Keys of the shared sections are applied first, in order; then the method's and the rule's option
+    sections are (re)built for the resulting ``method`` and ``aggregate.rule`` and their keys applied,
+    in order. So ``--set aggregate.rule=igr --set igr.eta=0.01`` works in either order.
+    """
+    deferred = []
     for key, value in overrides.items():
-        obj: Any = cfg
         parts = key.split(".")
-        for p in parts[:-1]:
-            if not dataclasses.is_dataclass(obj) or not hasattr(obj, p):
-                raise UserError(f"config key {key!r}: unknown section {p!r}")
-            obj = getattr(obj, p)
-        name = parts[-1]
-        if not dataclasses.is_dataclass(obj) or name not in {f.name for f in dataclasses.fields(obj)}:
+        if key in MOVED_KEYS:
+            raise UserError(f"config key {key!r} is now {MOVED_KEYS[key]!r} (options of a method or a rule "
+                            "live in the section named after it)")
+        if len(parts) == 1:
+            if parts[0] in ("sections",) or parts[0] in SHARED_SECTIONS:
+                raise UserError(f"config key {key!r}: a section, not an option")
+            _set(cfg, key, parts[0], value)
+            continue
+        if parts[0] in SHARED_SECTIONS:
+            obj: Any = cfg
+            for p in parts[:-1]:
+                if not dataclasses.is_dataclass(obj) or not hasattr(obj, p):
+                    raise UserError(f"config key {key!r}: unknown section {p!r}")
+                obj = getattr(obj, p)
+            if key == "aggregate.rule" and value in RENAMED_RULES:
+                raise UserError(f"config aggregate.rule={value!r}: the rule is now called {RENAMED_RULES[value]!r}")
+            _set(obj, key, parts[-1], value)
+            continue
+        deferred.append((key, parts, value))
+    cfg.sections = _part_sections(cfg)
+    for key, parts, value in deferred:
+        section = cfg.sections.get(parts[0])
+        if section is None:
+            owner = part_owner(parts[0])
+            if owner == "method":
+                raise UserError(f"config key {key!r}: section {parts[0]!r} configures method {parts[0]}, "
+                                f"and this run's method is {cfg.method}")
+            if owner:
+                raise UserError(f"config key {key!r}: section {parts[0]!r} configures aggregation rule "
+                                f"{parts[0]}, and this run's aggregate.rule is {cfg.aggregate.rule}")
+            raise UserError(f"config key {key!r}: unknown section {parts[0]!r}")
+        if len(parts) != 2:
             raise UserError(f"config key {key!r}: unknown option")
-        setattr(obj, name, _coerce(value, getattr(obj, name), key))
+        _set(section, key, parts[1], value)
     return cfg
 
 
@@ -293,30 +368,43 @@ def resolve(scenario: str = "mr", method: str | None = "deepinv", profile: str =
             overrides: dict[str, Any] | None = None, seed: int = 0) -> ExperimentConfig:
     """Build the config for ``scenario x method x profile`` and apply ``overrides`` last.
 
-    ``method=None`` takes the scenario's default (``DEFAULT_METHOD``).
+    Layers, each overriding the ones before: the profile (shared values), the scenario, the
+    scenario's values for this profile, the method's preset, the method's values for this profile,
+    then ``overrides``. ``method=None`` takes the scenario's default (``DEFAULT_METHOD``).
     """
     if scenario not in SCENARIOS:
         raise UserError(f"--scenario {scenario!r}: choose one of {', '.join(SCENARIOS)}")
     if method is None:
         method = DEFAULT_METHOD[scenario]
-    if method not in METHODS:
-        raise UserError(f"--method {method!r}: choose one of {', '.join(METHODS)}")
+    impl = method_registry().get(method, option="--method")
     if profile not in PROFILES:
         raise UserError(f"--profile {profile!r}: choose one of {', '.join(PROFILES)}")
+    if impl.scenarios is not None and scenario not in impl.scenarios:
+        raise UserError(f"--method {method}: runs in scenario(s) {', '.join(impl.scenarios)}, not {scenario}")
     cfg = ExperimentConfig(scenario=scenario, method=method, profile=profile, seed=seed)
-    layers = [PROFILES[profile], SCENARIOS[scenario], METHODS[method]]
+    layers = [PROFILES[profile], SCENARIOS[scenario]]
     if profile == "smoke":
         layers.insert(1, SMOKE_DATASET)
         if scenario == "md":                # after the scenario's own domains
-            layers.insert(layers.index(SCENARIOS[scenario]) + 1, SMOKE_DOMAINS)
-    layers.insert(layers.index(SCENARIOS[scenario]) + 1, SCENARIO_PROFILES.get((scenario, profile), {}))
+            layers.append(SMOKE_DOMAINS)
+    layers += [SCENARIO_PROFILES.get((scenario, profile), {}), dict(impl.preset),
+               dict(impl.profiles.get(profile, {})), dict(overrides or {})]
+    merged: dict[str, Any] = {}
     for layer in layers:
-        apply_overrides(cfg, layer)
-    apply_overrides(cfg, overrides or {})
+        for key, value in layer.items():
+            merged.pop(key, None)           # a later layer's value also comes later in the order
+            merged[key] = value
+    apply_overrides(cfg, merged)
     if cfg.data.domains:
         cfg.data.dataset = cfg.data.domains[0]
     validate(cfg)
     return cfg
+
+
+def compatible(scenario: str, method: str) -> bool:
+    """Whether ``method`` runs in ``scenario`` (Tune's ``{grid: all}`` skips the pairs that do not)."""
+    impl = method_registry().get(method)
+    return impl.scenarios is None or scenario in impl.scenarios
 
 
 def validate(cfg: ExperimentConfig) -> None:
@@ -327,34 +415,22 @@ def validate(cfg: ExperimentConfig) -> None:
         if val < 1:
             raise UserError(f"config {key}={val}: must be at least 1")
     from .data.registry import get_spec
+    from .learners import LEARNERS
     from .models import ARCHS
+    from .synthesis import SYNTHESIZERS
 
     get_spec(cfg.data.dataset)
     for arch in (*cfg.pool.archs, lc.arch):
         if arch not in ARCHS:
             raise UserError(f"config architecture {arch!r}: choose one of {', '.join(ARCHS)}")
-    if lc.name not in ("maml", "anil", "protonet", "reptile"):
-        raise UserError(f"config learner.name={lc.name!r}: choose maml, anil, protonet or reptile")
-    if cfg.synth.name not in ("pixel", "generator", "purer", "free"):
-        raise UserError(f"config synth.name={cfg.synth.name!r}: choose pixel, generator, purer or free")
-    ag = cfg.aggregate
-    if ag.rule not in ("mean", "free", "tgr"):
-        raise UserError(f"config aggregate.rule={ag.rule!r}: choose mean, free or tgr")
-    if ag.rule == "free" and cfg.synth.name != "free":
-        raise UserError("config aggregate.rule=free needs synth.name=free (the alignment runs on FREE's recovered tasks)")
-    if ag.tgr_form not in ("first_order", "exact"):
-        raise UserError(f"config aggregate.tgr_form={ag.tgr_form!r}: choose first_order or exact")
-    if ag.tgr_probe not in ("random", "teacher"):
-        raise UserError(f"config aggregate.tgr_probe={ag.tgr_probe!r}: choose random or teacher")
-    if ag.rule == "tgr" and ag.tgr_groups < 1:
-        raise UserError(f"config aggregate.tgr_groups={ag.tgr_groups}: must be at least 1")
-    if ag.rule in ("free", "tgr") and cfg.train.kd_steps < 1:
-        raise UserError(f"config train.kd_steps=0: aggregate.rule={ag.rule} needs the per-teacher step (kd_steps >= 1)")
-    if cfg.synth.name == "free" and cfg.synth.warmup < 0:
-        raise UserError(f"config synth.warmup={cfg.synth.warmup}: must be 0 or more")
-    if cfg.synth.name == "free" and cfg.synth.adapt_steps < 1:
-        raise UserError(f"config synth.adapt_steps={cfg.synth.adapt_steps}: must be at least 1")
+    if lc.name not in LEARNERS:
+        raise UserError(f"config learner.name={lc.name!r}: choose one of {', '.join(LEARNERS)}")
+    SYNTHESIZERS.get(cfg.synth.name, option="config synth.name")
+    rule = rule_registry().get(cfg.aggregate.rule, option="config aggregate.rule")
     for d in cfg.data.domains:
         get_spec(d)
     if cfg.runtime.workers < 0:
         raise UserError(f"--workers {cfg.runtime.workers}: must be 0 (in-process) or more")
+    if hasattr(rule, "validate"):
+        rule.validate(cfg)
+    method_registry().get(cfg.method, option="--method").validate(cfg)

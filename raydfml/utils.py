@@ -22,6 +22,13 @@ def seed_everything(seed: int) -> None:
         torch.cuda.manual_seed_all(seed)
 
 
+def task_seed(*keys: int) -> int:
+    """A 63-bit seed from integer keys (experiment seed, round, teacher, ...), stable across processes."""
+    import numpy as np
+
+    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(2, dtype=np.uint64)[0] >> 1)
+
+
 def resolve_device(device: str = "auto"):
     """``auto`` -> CUDA when present, else CPU; ``cuda`` without a GPU is a user error."""
     import torch  # imported here so light CLIs (filelist, glyphs) start fast

@@ -26,6 +26,27 @@ def ray_session():
     ray.shutdown()
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests that start Ray are marked ``ray`` (so ``pytest -m "not ray and not e2e"`` runs the fast ones)."""
+    for item in items:
+        if "ray_session" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.ray)
+
+
+@pytest.fixture(scope="session")
+def smoke_root(tmp_path_factory):
+    """Data root with the smoke glyph set and scenario mr's smoke zoo already built (a warm cache)."""
+    from raydfml.config import resolve
+    from raydfml.data.layout import ensure_dataset
+    from raydfml.runtime.pool import prepare_pool
+
+    root = tmp_path_factory.mktemp("smoke-data")
+    ensure_dataset(root, "glyphs-smoke")
+    prepare_pool(resolve("mr", "deepinv", "smoke", {"data.data_root": str(root), "runtime.workers": 0}),
+                 workers=0, progress=False)
+    return root
+
+
 @pytest.fixture(scope="session")
 def glyph_root(tmp_path_factory):
     """A small glyph dataset (20 classes split 10/5/5, 30 images each) under a session temp root."""

@@ -70,7 +70,7 @@ MULTINODE = textwrap.dedent("""
     from raydfml.baselines import evaluate_final
     from raydfml.config import resolve
     from raydfml.report import RunReport
-    from raydfml.runtime.cluster import ensure_ray
+    from raydfml.cluster import ensure_ray
     from raydfml.runtime.driver import train
     from raydfml.runtime.pool import prepare_pool
 

@@ -17,19 +17,6 @@ from raydfml.cli import build_config, parse_args
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="session")
-def smoke_root(tmp_path_factory):
-    """Data root with the smoke glyph set and its zoo already built (as a warm cache would have)."""
-    from raydfml.data.layout import ensure_dataset
-    from raydfml.runtime.pool import prepare_pool
-
-    root = tmp_path_factory.mktemp("smoke-data")
-    ensure_dataset(root, "glyphs-smoke")
-    cfg = _cfg(root, tmp_path_factory.mktemp("unused"), "--workers", "0")
-    prepare_pool(cfg, workers=0, progress=False)
-    return root
-
-
 def _cfg(root, out, *extra):
     return build_config(parse_args(["--scenario", "mr", "--profile", "smoke", "--data-root", str(root),
                                     "--out", str(out), "--quiet", *extra]))
@@ -43,7 +30,7 @@ def _run(root, out, *extra, **kw):
 
 
 def test_smoke_run_on_ray_writes_a_complete_run_directory(smoke_root, ray_session, tmp_path):
-    from raydfml.runtime.driver import run_experiment
+    from raydfml.experiment import run_experiment
 
     cfg = _cfg(smoke_root, tmp_path / "run", "--workers", "2")
     results = run_experiment(cfg, progress=False)
@@ -65,7 +52,7 @@ def test_smoke_run_on_ray_writes_a_complete_run_directory(smoke_root, ray_sessio
 
 
 def test_same_seed_in_process_gives_identical_meta_test(smoke_root, tmp_path):
-    from raydfml.runtime.driver import run_experiment
+    from raydfml.experiment import run_experiment
 
     a = run_experiment(_cfg(smoke_root, tmp_path / "a", "--workers", "0", "--seed", "3"), progress=False)
     b = run_experiment(_cfg(smoke_root, tmp_path / "b", "--workers", "0", "--seed", "3"), progress=False)

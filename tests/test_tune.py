@@ -59,13 +59,41 @@ def test_shipped_sweeps_cover_the_issue():
 
 
 def test_grid_all_expands_to_every_registered_preset(tmp_path):
-    from raydfml.config import METHODS, SCENARIOS
+    from raydfml.config import SCENARIOS
+    from raydfml.methods import method_names
     from raydfml.tune import load_sweep, trial_points
 
     sweep = load_sweep(_write(tmp_path, {"profile": "smoke", "space": {"scenario": {"grid": "all"},
                                                                        "method": {"choice": "all"}}}))
-    assert sweep.space == {"scenario": {"grid": list(SCENARIOS)}, "method": {"choice": list(METHODS)}}
-    assert len(trial_points(sweep)) == len(SCENARIOS) * len(METHODS)
+    assert sweep.space == {"scenario": {"grid": list(SCENARIOS)}, "method": {"choice": method_names()}}
+    assert len(trial_points(sweep)) == len(SCENARIOS) * len(method_names())
+
+
+def test_grid_all_skips_scenarios_a_method_does_not_run_in(tmp_path):
+    """A method registered for scenario mr only: {grid: all} over scenarios x methods leaves out its
+    ma and md trials (one joint grid of the compatible pairs), and every remaining trial resolves."""
+    from raydfml.config import SCENARIOS
+    from raydfml.methods import METHODS, TeacherRecovery, method_names, register_method
+    from raydfml.tune import load_sweep, trial_points
+    from raydfml.tune.sweep import point_dims
+
+    @register_method("mr_only_toy")
+    class MrOnly(TeacherRecovery):
+        scenarios = ("mr",)
+        preset = {"synth.name": "pixel"}
+
+    try:
+        sweep = load_sweep(_write(tmp_path, {"profile": "smoke", "space": {"scenario": {"grid": "all"},
+                                                                           "method": {"grid": "all"}}}))
+        pairs = [(d["scenario"], d["method"]) for d in (point_dims(sweep, p) for p in trial_points(sweep))]
+        assert ("mr", "mr_only_toy") in pairs
+        assert ("ma", "mr_only_toy") not in pairs and ("md", "mr_only_toy") not in pairs
+        assert len(pairs) == len(SCENARIOS) * len(method_names()) - 2
+        only_one = load_sweep(_write(tmp_path, {"scenario": "ma", "profile": "smoke",
+                                                "space": {"method": {"grid": "all"}}}))
+        assert "mr_only_toy" not in only_one.space["method"]["grid"]
+    finally:
+        METHODS.unregister("mr_only_toy")
 
 
 def test_smoke_sweep_shape():

@@ -1,25 +1,11 @@
-"""Aggregation rules: how the MetaLearner combines per-teacher gradients into one meta-update.
+"""Aggregation rules: how the MetaLearner combines a round's per-teacher work into one meta-update.
 
-``aggregate(rule, grads)`` takes flat gradient vectors (what crosses Ray's object store). Rules that
-need more than a list of gradients (FREE's alignment, TGR's groups) live in their own modules.
+Rules are found by name in ``RULES`` (``aggregate.rule``): ``mean`` (the plain average),
+``align`` (FREE's implicit gradient alignment, :mod:`.free`) and ``igr`` (TGR's implicit gradient
+regularisation, :mod:`.tgr`). :mod:`.registry` describes the contract; adding a rule is one
+decorated function or class. TGR's task space (Fisher embeddings, heterogeneous groups) is in
+:mod:`.task_space`.
 """
-from __future__ import annotations
+from .registry import NEEDS, RULES, FunctionRule, Rule, RuleContext, build_rule, mean_of, register_rule
 
-import torch
-
-from ..errors import UserError
-
-
-def mean(grads: list[torch.Tensor]) -> torch.Tensor:
-    return torch.stack([g.float() for g in grads]).mean(0)
-
-
-RULES = {"mean": mean}
-
-
-def aggregate(rule: str, grads: list[torch.Tensor]) -> torch.Tensor:
-    if rule not in RULES:
-        raise UserError(f"aggregation rule {rule!r}: choose one of {', '.join(RULES)}")
-    if not grads:
-        raise ValueError("aggregate() needs at least one gradient")
-    return RULES[rule](grads)
+__all__ = ["NEEDS", "RULES", "FunctionRule", "Rule", "RuleContext", "build_rule", "mean_of", "register_rule"]

@@ -18,10 +18,14 @@ Differences from the seeds:
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 import torch
 from torch import Tensor
+
+from ..errors import UserError
+from .registry import Rule, register_rule
 
 FREE_SCALE = 67.0
 OPTIMIZERS = ("adam", "sgd")
@@ -76,4 +80,31 @@ def reptile_alignment(learner, params: Mapping[str, Tensor], teacher_tasks: Sequ
     return out, {"loss": sum(losses) / len(losses), "losses": losses}
 
 
-__all__ = ["FREE_SCALE", "reptile_alignment"]
+@dataclass
+class AlignConfig:
+    """Options of the ``align`` rule (``--set align.<option>=...``)."""
+    scale: float = FREE_SCALE          # meta-gradient = scale * (theta - theta_copy); FREE hard-coded 67
+
+
+@register_rule("align")
+class Align(Rule):
+    """FREE's alignment as an aggregation rule: sequential distillation over the round's teacher tasks
+    (in teacher order) on a copy of the meta-parameters, at the learner's outer learning rate."""
+    Config = AlignConfig
+    needs = "task"
+
+    def __init__(self, options: AlignConfig | None = None, cfg=None):
+        super().__init__(options or AlignConfig(), cfg)
+
+    def __call__(self, records, ctx):
+        tasks = [r.task.to_task(ctx.device) for r in records]
+        grads, st = reptile_alignment(ctx.learner, ctx.params, tasks, lr=ctx.outer_lr, scale=self.options.scale)
+        return grads, {"loss": st["loss"]}
+
+    @classmethod
+    def validate(cls, cfg) -> None:
+        if not cfg.section("align").scale > 0:
+            raise UserError(f"config align.scale={cfg.section('align').scale}: must be > 0")
+
+
+__all__ = ["FREE_SCALE", "Align", "AlignConfig", "reptile_alignment"]

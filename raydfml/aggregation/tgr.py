@@ -15,19 +15,23 @@ Two forms:
   actor returns its flat ``g_i`` at the broadcast θ. The MetaLearner calls
   ``igr_first_order(grads, eta)`` for ``ḡ`` and each teacher's offset ``θ_i' - θ``, and sends
   ``θ + offset_i`` back. Phase 2: actors return ``G_i`` at their displaced state; the update is
-  their mean (``aggregate("mean", ...)``). Two gradient passes per teacher, no second derivatives.
+  their mean (the ``igr`` rule below). Two gradient passes per teacher, no second derivatives.
 - **exact, in one process** (``igr_exact``): differentiates through ``g_i`` and ``ḡ``
   (``create_graph=True``, Hessian-vector products), as TGR's code does; needs the whole group's
   tasks in one process and about 3x the memory of a plain step.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
+from ..errors import UserError
 from ..learners.base import Params
+from .registry import Rule, mean_of, register_rule
 
 LossFn = Callable[[Mapping[str, Tensor]], Tensor]
 TGR_ETA = 1e-3
@@ -139,4 +143,51 @@ def gradient_spread(flat: list[Tensor], g_bar: Tensor) -> float:
     return float(sum((f - g_bar).pow(2).sum() for f in flat) / (2 * len(flat)))
 
 
-__all__ = ["TGR_ETA", "gradient_spread", "igr_exact", "igr_first_order", "igr_first_order_local", "task_losses"]
+@dataclass
+class IGRConfig:
+    """Options of the ``igr`` rule (``--set igr.<option>=...``)."""
+    eta: float = TGR_ETA               # displacement learning rate (TGR: 1e-3)
+    form: str = "first_order"          # first_order (two passes across the actors) | exact (second order, one process)
+
+
+FORMS = ("first_order", "exact")
+
+
+@register_rule("igr")
+class IGR(Rule):
+    """TGR's implicit gradient regularisation over the round's teachers.
+
+    ``first_order``: two passes. The records of the first carry ``g_i`` (whole-task gradients at θ);
+    ``displace`` gives each teacher's state ``θ - η(ḡ - g_i)``; the TeacherPool takes ``G_i`` there,
+    and the update is their mean. ``exact``: the records carry the tasks and ``igr_exact`` runs here.
+    """
+    Config = IGRConfig
+
+    def __init__(self, options: IGRConfig | None = None, cfg=None):
+        super().__init__(options or IGRConfig(), cfg)
+        self.exact = self.options.form == "exact"
+        self.needs = "task" if self.exact else "task_grad"
+        self.two_pass = not self.exact
+
+    def displace(self, records, theta: Tensor):
+        flat = [torch.from_numpy(np.asarray(r.grad)) for r in records]
+        g_bar, offsets = igr_first_order(flat, self.options.eta)
+        return [theta + off for off in offsets], {"igr/spread": gradient_spread(flat, g_bar)}
+
+    def __call__(self, records, ctx):
+        if not self.exact:          # the second pass: G_i at the displaced states
+            return mean_of([torch.from_numpy(np.asarray(r.grad)) for r in records]), {}
+        tasks = [r.task.to_task(ctx.device) for r in records]
+        grads, st = igr_exact(task_losses(ctx.learner, tasks), ctx.params, self.options.eta)
+        return grads, {"loss": st["loss"], "igr/spread": st["spread"]}
+
+    @classmethod
+    def validate(cls, cfg) -> None:
+        opts = cfg.section("igr")
+        if opts.form not in FORMS:
+            raise UserError(f"config igr.form={opts.form!r}: choose {' or '.join(FORMS)}")
+        if opts.eta < 0:
+            raise UserError(f"config igr.eta={opts.eta}: must be 0 or more")
+
+
+__all__ = ["IGR", "IGRConfig", "TGR_ETA", "gradient_spread", "igr_exact", "igr_first_order", "igr_first_order_local", "task_losses"]

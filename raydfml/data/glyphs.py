@@ -69,7 +69,6 @@ import json
 import math
 import multiprocessing
 import os
-import re
 import shutil
 import socket
 import time
@@ -80,35 +79,25 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageFont
 
 from ..errors import UserError, run_cli
 from ..utils import atomic_path
 from .filelist import write_folder_split_csvs
+# Re-exported: the inventory is part of this module's API.
+from .glyph_domains import DOMAINS, Domain  # noqa: F401
+from .glyph_inventory import (DEFAULT_SPLIT, FONT_FILES, Glyph, _render_ink, assign_splits,  # noqa: F401
+                              available_classes, default_split, domain_glyphs, font_paths, glyph_inventory,
+                              select_classes)
 from .registry import SPLITS
 
 DEFAULT_CLASSES = 100
 DEFAULT_IMAGES_PER_CLASS = 600
-DEFAULT_SPLIT = (64, 16, 20)
 GLYPHS_VERSION = 1            # bump whenever the inventory or the rendering changes the output
 MARKER = "glyphs.json"        # also ``layout.GLYPHS_MARKER``
 
 IMAGE_SIZE = 32
 SUPERSAMPLE = 2               # render at 64x64, box-filter down to 32x32 (antialiasing)
-
-# DejaVu only: see the module docstring for why STIX is left out.
-FONT_FILES = (
-    "DejaVuSans.ttf", "DejaVuSans-Bold.ttf", "DejaVuSans-Oblique.ttf", "DejaVuSans-BoldOblique.ttf",
-    "DejaVuSansMono.ttf", "DejaVuSansMono-Bold.ttf", "DejaVuSansMono-Oblique.ttf",
-    "DejaVuSansMono-BoldOblique.ttf",
-    "DejaVuSerif.ttf", "DejaVuSerif-Bold.ttf", "DejaVuSerif-Italic.ttf", "DejaVuSerif-BoldItalic.ttf",
-)
-REFERENCE_FONT = "DejaVuSans.ttf"
-
-# Look-alike test (see "Deduplication" above).
-DEDUP_SIZE = 24               # side of the binarised, square-padded ink mask
-DEDUP_TOLERANCE_PX = 1        # ink within this distance of the other glyph's ink counts as shared
-DEDUP_THRESHOLD = 0.95        # both glyphs must share at least this fraction of their ink
 
 # Image randomisation, in output (32 px) units where it says px.
 SIZE_RANGE = (0.5, 0.8)       # longest side of the glyph's ink as a fraction of the image side
@@ -116,188 +105,6 @@ MAX_ROTATION_DEG = 15.0
 MAX_SHIFT_PX = 3.0            # reduced when needed so the rotated glyph stays inside the image
 MIN_LUMA_CONTRAST = 80.0      # |luma(fg) - luma(bg)| on a 0..255 scale, so every glyph is legible
 
-_SPLIT_STREAM = 0             # rng stream of the split permutation (0 is no letter's code point)
-
-
-# --------------------------------------------------------------------------------------------------
-# Fonts and the class inventory
-# --------------------------------------------------------------------------------------------------
-
-def font_dir() -> Path:
-    """The TTF folder inside the installed matplotlib (the fonts are part of its wheel)."""
-    import matplotlib
-
-    return Path(matplotlib.get_data_path()) / "fonts" / "ttf"
-
-
-def font_paths() -> list[Path]:
-    paths = [font_dir() / f for f in FONT_FILES]
-    missing = [p.name for p in paths if not p.is_file()]
-    if missing:
-        raise UserError(f"matplotlib's fonts are missing from {font_dir()}: {', '.join(missing)} "
-                        f"(reinstall matplotlib)")
-    return paths
-
-
-@dataclass(frozen=True)
-class Glyph:
-    """One class: a letter, its script (first word of its Unicode name) and its folder name."""
-
-    codepoint: int
-    script: str
-
-    @property
-    def char(self) -> str:
-        return chr(self.codepoint)
-
-    @property
-    def class_name(self) -> str:
-        """Filesystem-safe, unique and sorted like the code points: ``u0041_latin_capital_letter_a``."""
-        slug = re.sub(r"[^a-z0-9]+", "_", unicodedata.name(self.char).lower()).strip("_")
-        return f"u{self.codepoint:04x}_{slug}"
-
-
-@dataclass(frozen=True)
-class Domain:
-    """A subset of the inventory; ``scripts=None`` means every script."""
-
-    name: str
-    scripts: frozenset[str] | None
-    description: str
-
-    def contains(self, glyph: Glyph) -> bool:
-        return self.scripts is None or glyph.script in self.scripts
-
-
-DOMAINS: dict[str, Domain] = {d.name: d for d in (
-    Domain("all", None, "every script, mixed (the default)"),
-    Domain("latin", frozenset({"latin"}), "Latin, incl. IPA and extended letters"),
-    Domain("greek", frozenset({"greek"}), "Greek (and Coptic block) letters not already Latin-like"),
-    Domain("cyrillic", frozenset({"cyrillic"}), "Cyrillic letters not already Latin/Greek-like"),
-    Domain("armenian", frozenset({"armenian"}), "Armenian letters"),
-    Domain("georgian", frozenset({"georgian"}), "Georgian letters"),
-)}
-
-
-def _script(codepoint: int) -> str:
-    return unicodedata.name(chr(codepoint)).split()[0].lower()
-
-
-def _is_plain_letter(codepoint: int) -> bool:
-    """A letter that is its own NFKC and NFD form (no compatibility variant, no precomposed accent)."""
-    ch = chr(codepoint)
-    return (unicodedata.category(ch) in ("Lu", "Ll", "Lo")
-            and unicodedata.normalize("NFKC", ch) == ch
-            and unicodedata.normalize("NFD", ch) == ch)
-
-
-def _covered_by_all_fonts(paths: Sequence[Path]) -> set[int]:
-    from fontTools.ttLib import TTFont  # a matplotlib dependency
-
-    covered: set[int] | None = None
-    for path in paths:
-        cmap = set(TTFont(str(path), lazy=True).getBestCmap())
-        covered = cmap if covered is None else covered & cmap
-    return covered or set()
-
-
-def _ink_signature(font: ImageFont.FreeTypeFont, ch: str) -> tuple[np.ndarray, int]:
-    """Square-padded, binarised ink mask (DEDUP_SIZE^2) and the number of 8-connected ink parts."""
-    from scipy import ndimage  # installed with scikit-learn, a declared dependency
-
-    ink = _render_ink(font, ch)
-    parts = ndimage.label(np.asarray(ink) > 127, structure=np.ones((3, 3)))[1]
-    w, h = ink.size
-    side = max(w, h)
-    square = Image.new("L", (side, side))
-    square.paste(ink, ((side - w) // 2, (side - h) // 2))
-    mask = np.asarray(square.resize((DEDUP_SIZE, DEDUP_SIZE), Image.Resampling.BOX)) > 127
-    return mask, parts
-
-
-def _dilate(masks: np.ndarray, radius: int) -> np.ndarray:
-    """Binary dilation of ``[..., H, W]`` masks by a disc (tiny radius: shifted ORs are enough)."""
-    h, w = masks.shape[-2:]
-    padded = np.pad(masks, [(0, 0)] * (masks.ndim - 2) + [(radius, radius), (radius, radius)])
-    out = np.zeros_like(masks)
-    for dy in range(-radius, radius + 1):
-        for dx in range(-radius, radius + 1):
-            if dy * dy + dx * dx <= radius * radius:
-                out |= padded[..., radius + dy:radius + dy + h, radius + dx:radius + dx + w]
-    return out
-
-
-def deduplicate(codepoints: Sequence[int], font: ImageFont.FreeTypeFont) -> list[int]:
-    """Keep each code point (in the given order) unless it looks like one already kept.
-
-    "Looks like": same number of ink parts, and each glyph has >= DEDUP_THRESHOLD of its ink within
-    DEDUP_TOLERANCE_PX of the other's ink (a tolerant, symmetric overlap; see the module docstring).
-    """
-    signatures = [_ink_signature(font, chr(cp)) for cp in codepoints]
-    masks = np.stack([m for m, _ in signatures]).reshape(len(codepoints), -1)
-    grown = _dilate(masks.reshape(-1, DEDUP_SIZE, DEDUP_SIZE), DEDUP_TOLERANCE_PX).reshape(masks.shape)
-    parts = np.array([p for _, p in signatures])
-    area = np.maximum(masks.sum(1), 1)
-
-    kept: list[int] = []
-    for i in range(len(codepoints)):
-        k = np.array(kept, dtype=int)
-        if len(k):
-            mine_covered = (masks[i] & grown[k]).sum(1) / area[i]
-            theirs_covered = (masks[k] & grown[i]).sum(1) / area[k]
-            same = (np.minimum(mine_covered, theirs_covered) >= DEDUP_THRESHOLD) & (parts[k] == parts[i])
-            if same.any():
-                continue
-        kept.append(i)
-    return [codepoints[i] for i in kept]
-
-
-@lru_cache(maxsize=1)
-def glyph_inventory() -> tuple[Glyph, ...]:
-    """Every usable class, sorted by code point (about 0.5 s; cached per process)."""
-    paths = font_paths()
-    candidates = sorted(cp for cp in _covered_by_all_fonts(paths) if _is_plain_letter(cp))
-    reference = ImageFont.truetype(str(font_dir() / REFERENCE_FONT), 96)
-    return tuple(Glyph(cp, _script(cp)) for cp in deduplicate(candidates, reference))
-
-
-def _domain(domain: str) -> Domain:
-    if domain not in DOMAINS:
-        raise UserError(f"--domain {domain!r}: unknown glyph domain; choose one of {', '.join(DOMAINS)}")
-    return DOMAINS[domain]
-
-
-def domain_glyphs(domain: str = "all") -> list[Glyph]:
-    """The domain's classes, sorted by code point."""
-    d = _domain(domain)
-    return [g for g in glyph_inventory() if d.contains(g)]
-
-
-def available_classes(domain: str = "all") -> int:
-    """How many classes ``domain`` can offer: the most ``generate_glyphs(classes=...)`` accepts."""
-    return len(domain_glyphs(domain))
-
-
-def select_classes(glyphs: Sequence[Glyph], classes: int) -> list[Glyph]:
-    """``classes`` glyphs evenly spaced over the sorted inventory (seed-independent, script-mixed)."""
-    idx = np.linspace(0, len(glyphs) - 1, classes).round().astype(int)
-    return [glyphs[i] for i in idx]
-
-
-def default_split(classes: int) -> tuple[int, int, int]:
-    """DEFAULT_SPLIT's proportions (64/16/20), rounded down for val and test: 100 -> (64, 16, 20)."""
-    total = sum(DEFAULT_SPLIT)
-    val = classes * DEFAULT_SPLIT[1] // total
-    test = classes * DEFAULT_SPLIT[2] // total
-    return classes - val - test, val, test
-
-
-def assign_splits(glyphs: Sequence[Glyph], split: Sequence[int], seed: int) -> dict[str, list[Glyph]]:
-    """Seeded permutation of the chosen classes, cut into (train, val, test); each part sorted."""
-    order = np.random.default_rng([seed, _SPLIT_STREAM]).permutation(len(glyphs))
-    bounds = np.cumsum([0, *split])
-    return {name: sorted((glyphs[i] for i in order[lo:hi]), key=lambda g: g.codepoint)
-            for name, lo, hi in zip(SPLITS, bounds[:-1], bounds[1:])}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -307,18 +114,6 @@ def assign_splits(glyphs: Sequence[Glyph], split: Sequence[int], seed: int) -> d
 @lru_cache(maxsize=1024)
 def _font(path: str, size: int) -> ImageFont.FreeTypeFont:
     return ImageFont.truetype(path, size)
-
-
-def _render_ink(font: ImageFont.FreeTypeFont, ch: str) -> Image.Image:
-    """The glyph drawn white on black, cropped to its ink (not to its advance box)."""
-    left, top, right, bottom = font.getbbox(ch)
-    pad = 2
-    canvas = Image.new("L", (right - left + 2 * pad, bottom - top + 2 * pad))
-    ImageDraw.Draw(canvas).text((pad - left, pad - top), ch, font=font, fill=255)
-    box = canvas.getbbox()
-    if box is None:
-        raise RuntimeError(f"{font.path}: glyph U+{ord(ch):04X} has no ink")
-    return canvas.crop(box)
 
 
 def _master_ink(path: str, ch: str) -> Image.Image:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import UserError
+from .glyph_domains import DOMAINS
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -57,8 +58,6 @@ def get_spec(name: str) -> DatasetSpec:
     if key in _SPECS:
         return _SPECS[key]
     if key.startswith("glyphs-"):
-        from .glyphs import DOMAINS  # lazy: glyphs imports this module
-
         domain = key.removeprefix("glyphs-").removeprefix("smoke-")
         if key != "glyphs-smoke" and domain not in DOMAINS:
             raise UserError(f"unknown dataset {name!r}: glyph domains are glyphs-<script> or glyphs-smoke-<script> "

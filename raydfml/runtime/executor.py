@@ -1,21 +1,49 @@
 """Run the roles in-process or as Ray actors with the same driver code.
 
 ``Executor.call(role, method, *args)`` returns a handle and ``Executor.get(handles)`` resolves them:
-plain values in-process, ``ObjectRef``s on Ray. TeacherPool calls go through ``map_pool``, which
-replaces an actor that died and redoes its share of the round (the calls are seeded by round and
-teacher, so the redo gives the same result).
+plain values in-process, ``ObjectRef``s on Ray. TeacherPool work goes through ``map_teachers``: the
+round's teachers are split into one share per actor, each actor returns its records' summaries (which
+the driver reads) and the full records (whose handles the driver passes on to the MetaLearner, so
+recovered images cross the object store once). An actor that dies is replaced and its share redone
+(the work is seeded by round and teacher, so the redo gives the same result).
 """
 from __future__ import annotations
 
 import logging
 
+from dataclasses import dataclass
+from typing import Any
+
 from ..config import ExperimentConfig
 from ..errors import UserError
+from ..records import TeacherRecord, merge
 from .meta_learner import MetaLearner
 from .pool import PoolEntry
 from .teacher_pool import TeacherPool
 
 log = logging.getLogger(__name__)
+MAX_ATTEMPTS = 3            # a share is tried on at most this many actors (the first and two replacements)
+
+
+@dataclass
+class TeacherBatch:
+    """The result of one phase of TeacherPool work: the records' summaries (teacher order, no arrays)
+    and, per share, a handle of the full records (an ``ObjectRef`` on Ray, the list in-process)."""
+    summaries: list[TeacherRecord]
+    parts: list[Any]
+
+    @property
+    def teachers(self) -> list[int]:
+        return [r.teacher for r in self.summaries]
+
+
+def shares(teacher_ids: list[int], n: int) -> list[list[int]]:
+    """Teachers split round-robin over ``n`` actors (empty shares dropped)."""
+    return [s for s in (teacher_ids[i::n] for i in range(n)) if s]
+
+
+def _work_args(share: list[int], per_teacher: dict | None) -> dict | None:
+    return None if per_teacher is None else {t: per_teacher[t] for t in share}
 
 
 class InProcessExecutor:
@@ -38,9 +66,12 @@ class InProcessExecutor:
     def put(self, value):
         return value
 
-    def map_pool(self, method: str, round_idx: int, shares: list, *args) -> list:
-        """Run ``method(round_idx, share, *args)`` for each share of the round's teachers, in share order."""
-        return [getattr(self.pools[0], method)(round_idx, share, *args) for share in shares]
+    def map_teachers(self, hook: str, round_idx: int, teacher_ids: list[int], shared: tuple = (),
+                     per_teacher: dict | None = None) -> TeacherBatch:
+        """The method's teacher hook for every teacher (one share: this process's one pool)."""
+        summaries, records = self.pools[0].work(hook, round_idx, list(teacher_ids),
+                                                _work_args(teacher_ids, per_teacher), *shared)
+        return TeacherBatch(merge([summaries]), [records])
 
     @property
     def num_pools(self) -> int:
@@ -56,7 +87,7 @@ class RayExecutor:
     def __init__(self, cfg: ExperimentConfig, entries: list[PoolEntry], pool_classes: list[int]):
         import ray
 
-        from .cluster import actor_cpu_share, ensure_ray, gpu_fraction
+        from ..cluster import actor_cpu_share, ensure_ray, gpu_fraction
 
         ensure_ray(address=cfg.runtime.address)
         self.ray = ray
@@ -73,7 +104,7 @@ class RayExecutor:
         if strategy.lower() == "spread":          # one TeacherPool per node where possible (multi-node runs)
             self._pool_opts["scheduling_strategy"] = "SPREAD"
         self._pool_cls = ray.remote(TeacherPool)
-        self.meta = ray.remote(MetaLearner).options(num_cpus=cpus, num_gpus=gpus).remote(cfg.to_dict(), pool_classes)
+        self.meta = ray.remote(MetaLearner).options(num_cpus=cpus, num_gpus=gpus).remote(cfg.for_workers(), pool_classes)
         self.pools = [self._new_pool() for _ in range(max(1, rt.workers))]
         self.replaced = 0
         self._wait_until_scheduled([self.meta, *self.pools])
@@ -90,7 +121,7 @@ class RayExecutor:
         self.ray.get(ready)
 
     def _new_pool(self):
-        return self._pool_cls.options(**self._pool_opts).remote(self.cfg.to_dict(), self.entries)
+        return self._pool_cls.options(**self._pool_opts).remote(self.cfg.for_workers(), self.entries)
 
     @property
     def num_pools(self) -> int:
@@ -105,25 +136,36 @@ class RayExecutor:
     def put(self, value):
         return self.ray.put(value)
 
-    def map_pool(self, method: str, round_idx: int, shares: list, *args) -> list:
+    def _submit(self, i: int, hook: str, round_idx: int, share: list[int], shared: tuple, per_teacher):
+        """Share ``share`` to actor ``i``: (summaries ref, records ref). ``shared`` are top-level
+        arguments, so object references among them (the broadcast meta-parameters) are resolved."""
+        return self.pools[i].work.options(num_returns=2).remote(hook, round_idx, share,
+                                                                _work_args(share, per_teacher), *shared)
+
+    def map_teachers(self, hook: str, round_idx: int, teacher_ids: list[int], shared: tuple = (),
+                     per_teacher: dict | None = None) -> TeacherBatch:
         """Share i goes to actor i; an actor that dies is replaced and its share redone."""
         from ray.exceptions import RayActorError
 
-        refs = [getattr(self.pools[i], method).remote(round_idx, share, *args) for i, share in enumerate(shares)]
-        results = []
-        for i, ref in enumerate(refs):
-            for attempt in range(3):
+        split = shares(list(teacher_ids), self.num_pools)
+        refs = [self._submit(i, hook, round_idx, share, shared, per_teacher) for i, share in enumerate(split)]
+        summaries, parts = [], []
+        for i, share in enumerate(split):
+            summary_ref, records_ref = refs[i]
+            for attempt in range(1, MAX_ATTEMPTS + 1):
                 try:
-                    results.append(self.ray.get(ref))
+                    summaries.append(self.ray.get(summary_ref))
+                    parts.append(records_ref)
                     break
                 except RayActorError:
+                    if attempt == MAX_ATTEMPTS:
+                        raise RuntimeError(f"TeacherPool actor {i} died {MAX_ATTEMPTS} times in round {round_idx}; "
+                                           "giving up (see the Ray logs for why)") from None
                     log.warning("TeacherPool actor %d died; replacing it and redoing its share", i)
                     self.pools[i] = self._new_pool()
                     self.replaced += 1
-                    ref = getattr(self.pools[i], method).remote(round_idx, shares[i], *args)
-            else:
-                raise RuntimeError(f"TeacherPool actor {i} died three times in one round")
-        return results
+                    summary_ref, records_ref = self._submit(i, hook, round_idx, share, shared, per_teacher)
+        return TeacherBatch(merge(summaries), parts)
 
     def shutdown(self) -> None:
         for a in [self.meta, *self.pools]:

@@ -1,8 +1,10 @@
 """MetaLearner: owns the meta-model, its optimiser, the task memory bank and meta-validation.
 
-One instance per experiment, in-process or as a Ray actor. It aggregates the per-teacher gradients
-that TeacherPool actors computed at the broadcast state, replays tasks from the bank, and keeps the
-parameters that scored best on meta-val (model selection never looks at meta-test).
+One instance per experiment, in-process or as a Ray actor. It banks the teachers' recovered images,
+makes the meta-update from their per-teacher records with the configured aggregation rule, holds
+the method's central state (``Method.init_central``; e.g. FREE's meta-generator, PURER's dataset) and
+runs its central hooks, replays tasks, and keeps the parameters that scored best on meta-val (model
+selection never looks at meta-test). Records from the TeacherPool arrive as object references.
 """
 from __future__ import annotations
 
@@ -12,18 +14,21 @@ import time
 import numpy as np
 import torch
 
-from ..aggregation import aggregate
+from ..aggregation import RuleContext, build_rule
 from ..config import ExperimentConfig
 from ..data.augment import augment
 from ..data.registry import get_spec
+from ..methods import create_method
+from ..records import merge
+from ..utils import task_seed
 from .bank import TaskMemoryBank
-from .parts import build_learner_for, build_meta_model, image_size, meta_split, task_seed
+from .parts import build_learner_for, build_meta_model, image_size, meta_split
 from .pool import class_dataset, pool_datasets
 
 
 class MetaLearner:
     def __init__(self, cfg: dict, pool_classes: list[int], device: str | None = None, load_val: bool = True):
-        from .cluster import worker_device
+        from ..cluster import worker_device
 
         self.cfg = ExperimentConfig.from_dict(cfg)
         self.device = torch.device(device) if device else worker_device(self.cfg.runtime.device,
@@ -41,17 +46,11 @@ class MetaLearner:
         self.best_val = -1.0
         self.best_round = -1
         self.best_params = {n: p.detach().clone() for n, p in self.params.items()}
-        self.purer = None
-        self._adv_next, self._round = False, -1       # PURER's curriculum: harden the next round?
-        if self.cfg.synth.name == "purer":
-            self.purer = self._build_purer(sorted(set(pool_classes)))
-        self.meta_gen = None                      # FREE's meta-generator (weights + persistent meta-Adam)
-        if self.cfg.synth.name == "free":
-            from ..synthesis.free import MetaGenerator
-
-            sc = self.cfg.synth
-            self.meta_gen = MetaGenerator(nz=sc.nz, ngf=sc.ngf, image_size=image_size(self.cfg), lr=sc.meta_lr,
-                                          seed=task_seed(self.cfg.seed, 37), device=self.device)
+        self.pool_classes = list(pool_classes)
+        self.image_size = image_size(self.cfg)
+        self.rule = build_rule(self.cfg)
+        self.method = create_method(self.cfg)
+        self.method.init_central(self)            # the method's own state (FREE's meta-generator, PURER's dataset)
         self.val_splits = {}                      # domain -> meta_val split (one entry outside md)
         if load_val:
             self.val_splits = {d: meta_split(self.cfg, d, "meta_val") for d in pool_datasets(self.cfg)}
@@ -61,7 +60,7 @@ class MetaLearner:
     def ping(self) -> bool:
         return True
 
-    def _normalize(self, x01: torch.Tensor, labels: torch.Tensor, classes: tuple[int, ...]) -> torch.Tensor:
+    def normalize(self, x01: torch.Tensor, labels: torch.Tensor, classes: tuple[int, ...]) -> torch.Tensor:
         """Each row with its class's dataset statistics (``labels[i]`` indexes ``classes``).
 
         The meta-model meets every domain as its real episodes are normalised at meta-test (md on
@@ -73,6 +72,19 @@ class MetaLearner:
         std = torch.tensor([s.std for s in specs], dtype=x01.dtype, device=x01.device)
         idx = torch.as_tensor(labels, device=x01.device)
         return (x01 - mean[idx][:, :, None, None]) / std[idx][:, :, None, None]
+
+    def step(self, grads: torch.Tensor | dict[str, torch.Tensor]) -> float:
+        """One meta-update with the outer optimiser from ``grads`` (flat, or keyed like the parameters);
+        returns the gradient's norm."""
+        from ..learners import unflatten
+
+        if torch.is_tensor(grads):
+            norm = float(grads.norm())
+            grads = unflatten(grads.to(self.device), self.params)
+        else:
+            norm = float(torch.cat([g.flatten() for g in grads.values()]).norm())
+        self._step(grads)
+        return norm
 
     def _step(self, grads: dict[str, torch.Tensor]) -> None:
         self.opt.zero_grad(set_to_none=True)
@@ -95,94 +107,56 @@ class MetaLearner:
         src = self.best_params if best else self.params
         return {n: p.detach().cpu().clone() for n, p in src.items()}
 
-    # --- distillation gradients from the TeacherPool ------------------------------------------
+    # --- what the round plan asks of the MetaLearner --------------------------------------------
 
-    def apply_teacher_grads(self, grads: list[np.ndarray], rule: str = "mean") -> dict:
-        from ..learners import unflatten
+    def central(self, hook: str, round_idx: int, args: tuple = (), *parts):
+        """The method's ``central_<hook>(self, round_idx, records, *args)``; ``parts`` are the
+        TeacherPool shares' records (resolved object references on Ray), merged in teacher order."""
+        return self.method.central_hook(hook)(self, round_idx, merge(parts), *args)
 
-        flat = aggregate(rule, [torch.from_numpy(np.asarray(g)) for g in grads])
-        self._step(unflatten(flat.to(self.device), self.params))
-        return {"kd/grad_norm": float(flat.norm())}
+    def bank_records(self, *parts) -> None:
+        """The records' recovered images into the task memory bank, in teacher order."""
+        for r in merge(parts):
+            self.bank.add(torch.from_numpy(np.asarray(r.images)), torch.from_numpy(np.asarray(r.labels)),
+                          tuple(r.classes))
 
-    def add_recovered(self, items: list[dict]) -> None:
-        for it in items:
-            self.bank.add(torch.from_numpy(np.asarray(it["images"])), torch.from_numpy(np.asarray(it["labels"])),
-                          tuple(it["classes"]))
-
-    # --- FREE: meta-generator update and implicit gradient alignment ---------------------------
-
-    def generator_state(self) -> np.ndarray:
-        """The meta-generator's parameters as one flat float32 vector (broadcast once per round)."""
-        return torch.cat([p.detach().flatten() for p in self.meta_gen.generator.parameters()]).cpu().numpy()
-
-    def free_step(self, items: list[dict], warmup: bool) -> dict:
-        """One FREE round on the MetaLearner's side.
-
-        The meta-generator takes one persistent-Adam step on the mean of the teachers' first-order
-        meta-gradients. After warm-up, every teacher's recovered task enters the bank (FREE kept only
-        the last one: bug B1) and the meta-model takes one step on FREE's alignment gradient:
-        sequential distillation over the round's teachers on a copy, ``scale * (θ - θ_copy)``.
-        """
-        from ..aggregation.free import reptile_alignment
-        from ..learners import unflatten
-        from .teacher_pool import task_from_numpy
-
-        like = dict(self.meta_gen.generator.named_parameters())
-        stats = self.meta_gen.update([unflatten(torch.from_numpy(np.asarray(it["state_grad"])), like)
-                                      for it in items])
-        out = {"free/gen_grad_norm": stats["grad_norm"], "free/warmup": float(warmup)}
-        if warmup:
-            return out
-        self.add_recovered(items)
-        tasks = [task_from_numpy(it["task"], self.device) for it in items]
-        grads, st = reptile_alignment(self.learner, self.params, tasks, lr=self.cfg.learner.outer_lr,
-                                      scale=self.cfg.aggregate.free_scale)
-        self._step(grads)
-        out.update({"kd/loss": st["loss"], "kd/grad_norm": float(torch.cat([g.flatten() for g in grads.values()]).norm())})
+    def aggregate(self, *parts) -> dict:
+        """One meta-update from the records' per-teacher contributions with the configured rule."""
+        records = merge(parts)
+        ctx = RuleContext(learner=self.learner, params=self.params, device=self.device,
+                          outer_lr=self.cfg.learner.outer_lr)
+        grads, stats = self.rule(records, ctx)
+        stats = dict(stats)
+        out = {"kd/grad_norm": self.step(grads)}
+        loss = stats.pop("loss", None)
+        out["kd/loss"] = float(np.mean([r.loss for r in records])) if loss is None else float(loss)
+        out.update(stats)
         return out
 
-    # --- TGR: implicit gradient regularisation inside a group ----------------------------------
-
-    def tgr_displaced(self, grads: list[np.ndarray]) -> tuple[list[np.ndarray], dict]:
-        """Phase 1 -> 2 of first-order IGR: each teacher's displaced state θ - η(ḡ - g_i), flat."""
-        from ..aggregation.tgr import gradient_spread, igr_first_order
-
-        flat = [torch.from_numpy(np.asarray(g)) for g in grads]
-        g_bar, offsets = igr_first_order(flat, self.cfg.aggregate.tgr_eta)
+    def displace(self, *parts) -> tuple[dict[int, np.ndarray], dict]:
+        """A two-pass rule's per-teacher states (flat) for the second pass, keyed by teacher."""
+        records = merge(parts)
         theta = torch.from_numpy(self.flat_params())
-        return [(theta + off).numpy() for off in offsets], {"tgr/spread": gradient_spread(flat, g_bar)}
+        thetas, stats = self.rule.displace(records, theta)
+        return {r.teacher: th.numpy() for r, th in zip(records, thetas)}, stats
 
-    def tgr_exact_step(self, items: list[dict]) -> dict:
-        """Exact (second-order) IGR over the group's tasks, all in this process, then one step."""
-        from ..aggregation.tgr import igr_exact, task_losses
-        from .teacher_pool import task_from_numpy
-
-        tasks = [task_from_numpy(it["task"], self.device) for it in items]
-        grads, st = igr_exact(task_losses(self.learner, tasks), self.params, self.cfg.aggregate.tgr_eta)
-        self._step(grads)
-        return {"kd/loss": st["loss"], "tgr/spread": st["spread"],
-                "kd/grad_norm": float(torch.cat([g.flatten() for g in grads.values()]).norm())}
-
-    # --- replay: MAML-family meta-batches on tasks from the bank -------------------------------
+    # --- replay: MAML-family meta-batches on the method's tasks (the bank by default) ------------
 
     def _sample_task(self):
         from ..learners import Task
 
-        lc, t = self.cfg.learner, self.cfg.train
-        if self.purer is not None:
-            sampled = self.purer.sample_task(t.way, lc.train_shot, lc.train_query, self.aug_gen)
-        else:
-            sampled = self.bank.sample_task(t.way, lc.train_shot, lc.train_query, self.rng)
+        t = self.cfg.train
+        sampled = self.method.sample_task(self)
         if sampled is None:
             return None
         x_s, y_s, x_q, y_q = (v.detach() if torch.is_tensor(v) else v for v in sampled[:4])
         classes = sampled[4]
-        x_s = self._normalize(augment(x_s.float(), t.augment, self.aug_gen).to(self.device), y_s, classes)
-        x_q = self._normalize(augment(x_q.float(), t.augment, self.aug_gen).to(self.device), y_q, classes)
+        x_s = self.normalize(augment(x_s.float(), t.augment, self.aug_gen).to(self.device), y_s, classes)
+        x_q = self.normalize(augment(x_q.float(), t.augment, self.aug_gen).to(self.device), y_q, classes)
         return Task(x_s, y_s.to(self.device), x_q, y_q.to(self.device))
 
-    def replay(self, batches: int) -> dict:
-        """``batches`` meta-updates, each the mean meta-gradient of ``meta_batch`` bank tasks."""
+    def replay(self, round_idx: int, batches: int) -> dict:
+        """``batches`` meta-updates, each the mean meta-gradient of ``meta_batch`` replay tasks."""
         losses, accs = [], []
         t0 = time.perf_counter()
         for _ in range(batches):
@@ -200,56 +174,11 @@ class MetaLearner:
             if n == 0:
                 break
             self._step({k: v / n for k, v in total.items()})
-        if self.purer is not None and accs:
-            # The curriculum watches the pseudo-task training accuracy (the seeds' switch rule).
-            self._adv_next = self.purer.curriculum(self._round, float(np.mean(accs)))
+        self.method.after_replay(self, round_idx, accs)
         return {"replay/loss": float(np.mean(losses)) if losses else float("nan"),
                 "replay/acc": float(np.mean(accs)) if accs else float("nan"),
                 "time/replay_s": time.perf_counter() - t0, "bank/images": len(self.bank),
                 "bank/classes": len(self.bank.classes)}
-
-    # --- PURER's shared synthetic dataset -----------------------------------------------------
-
-    def purer_rows(self, teacher_classes: dict[int, tuple[int, ...]]) -> dict[int, np.ndarray]:
-        """The current images of each teacher's classes (what its TeacherPool actor inverts against)."""
-        return {t: self.purer.rows_for(c).numpy() for t, c in teacher_classes.items()}
-
-    def purer_step(self, round_idx: int, grads: dict[int, dict]) -> dict:
-        """One Adam step of the synthetic dataset from the teachers' row gradients, plus the
-        adversarial hardening term when the episode curriculum switched it on."""
-        pairs = [(g["classes"], torch.from_numpy(np.asarray(g["grad"]))) for g in grads.values()]
-        adversarial = self._adv_next
-        stats = self.purer.step(pairs, self._adversarial_loss if adversarial else None)
-        self._adv_next, self._round = False, round_idx
-        out = {"synth/inv_loss": float(np.mean([g["loss"] for g in grads.values()])),
-               "synth/teacher_acc": float(np.mean([g["acc"] for g in grads.values()])),
-               "purer/adversarial": float(adversarial), "purer/grad_norm": stats["grad_norm"]}
-        if stats["adv_loss"] is not None:
-            out["purer/adv_loss"] = stats["adv_loss"]
-        return out
-
-    def _adversarial_loss(self, images: torch.Tensor) -> torch.Tensor:
-        """Minus the meta-model's outer query loss on a task drawn from the (non-detached) images:
-        maximising it makes the synthetic tasks harder for the current meta-model (PURER's ECI)."""
-        import torch.nn.functional as F
-
-        lc, t = self.cfg.learner, self.cfg.train
-        x_s, y_s, x_q, y_q, classes = self.purer.sample_task(t.way, lc.train_shot, lc.train_query, self.aug_gen,
-                                                             images=images)
-        x_s = self._normalize(augment(x_s, t.augment, self.aug_gen), y_s, classes)
-        x_q = self._normalize(augment(x_q, t.augment, self.aug_gen), y_q, classes)
-        params = {n: p.detach() for n, p in self.params.items()}
-        fast = self.learner.adapt(params, x_s, y_s, create_graph=True)
-        return -F.cross_entropy(self.learner.forward(fast, x_q), y_q)
-
-    def _build_purer(self, classes: list[int]):
-        """One learnable set of rows per global class the pool's teachers know."""
-        from ..synthesis.purer import PurerDataset
-
-        sc = self.cfg.synth
-        return PurerDataset(classes=classes, per_class=sc.per_class, image_size=image_size(self.cfg),
-                            lr=sc.purer_lr, bn_weight=0.01, adv_start=sc.adv_start, patience=sc.patience,
-                            adv_scale=sc.adv_scale, seed=self.cfg.seed)
 
     # --- meta-validation / model selection ----------------------------------------------------
 
@@ -282,11 +211,11 @@ class MetaLearner:
                  "rng": self.rng.bit_generator.state, "aug_gen": self.aug_gen.get_state(),
                  "torch_rng": torch.get_rng_state(), "meta_updates": self.meta_updates,
                  "best_val": self.best_val, "best_round": self.best_round}
-        if self.purer is not None:
-            state["purer"] = self.purer.state_dict()
-            state["purer_adv_next"] = self._adv_next
-        if self.meta_gen is not None:
-            state["meta_gen"] = self.meta_gen.state_dict()
+        method_state, rule_state = self.method.state_dict(), self.rule.state_dict()
+        if method_state is not None:
+            state["method"] = method_state
+        if rule_state is not None:
+            state["rule"] = rule_state
         return state
 
     def load_state_dict(self, state: dict) -> None:
@@ -295,14 +224,15 @@ class MetaLearner:
                 p.copy_(state["params"][n].to(p.device))
         self.best_params = {n: v.to(self.device) for n, v in state["best_params"].items()}
         self.opt.load_state_dict(state["opt"])
+        for group in self.opt.param_groups:   # the config's lr (a PBT-mutated trial restores another's state)
+            group["lr"] = self.cfg.learner.outer_lr
         self.bank.load_state_dict(state["bank"])
         self.rng.bit_generator.state = state["rng"]
         self.aug_gen.set_state(state["aug_gen"])
         torch.set_rng_state(state["torch_rng"])
         self.meta_updates = int(state["meta_updates"])
         self.best_val, self.best_round = float(state["best_val"]), int(state["best_round"])
-        if self.purer is not None and "purer" in state:
-            self.purer.load_state_dict(state["purer"])
-            self._adv_next = bool(state["purer_adv_next"])
-        if self.meta_gen is not None and "meta_gen" in state:
-            self.meta_gen.load_state_dict(state["meta_gen"])
+        if "method" in state:
+            self.method.load_state_dict(state["method"])
+        if "rule" in state:
+            self.rule.load_state_dict(state["rule"])

@@ -1,13 +1,12 @@
-"""Building the method's parts from a config: meta-model + learner, synthesizer.
+"""The meta-model's parts from a config: working resolution, real splits, meta-model, learner.
 
-The one place where names in the config become objects, shared by the TeacherPool and the
-MetaLearner so both sides build identical meta-models.
+Shared by the TeacherPool, the MetaLearner and the baselines so every side builds identical
+meta-models. (Synthesizers, aggregation rules and methods are built from their registries.)
 """
 from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from ..config import ExperimentConfig
@@ -48,24 +47,3 @@ def build_learner_for(cfg: ExperimentConfig, model: torch.nn.Module):
     return build_learner(lc.name, model, inner_lr=lc.inner_lr, inner_steps=lc.inner_steps,
                          test_inner_steps=lc.test_inner_steps, first_order=lc.first_order,
                          kd_weight=lc.kd_weight, ce_weight=lc.ce_weight, temperature=lc.temperature)
-
-
-def build_synthesizer(cfg: ExperimentConfig):
-    """The per-teacher synthesizer of the method; None for PURER, whose dataset lives in the MetaLearner."""
-    sc = cfg.synth
-    if sc.name == "pixel":
-        from ..synthesis.pixel import PixelInversion
-
-        return PixelInversion(image_size=image_size(cfg), per_class=sc.per_class, steps=sc.steps, lr=sc.lr_pixel)
-    if sc.name == "generator":
-        from ..synthesis.deepinv import GeneratorInversion
-
-        return GeneratorInversion(image_size=image_size(cfg), per_class=sc.per_class, steps=sc.steps,
-                                  lr_generator=sc.lr_generator, lr_latent=sc.lr_latent, bn_weight=sc.bn_weight,
-                                  ce_weight=sc.ce_weight, augment=sc.augment, nz=sc.nz, ngf=sc.ngf)
-    return None
-
-
-def task_seed(*keys: int) -> int:
-    """A 63-bit seed from integer keys (experiment seed, round, teacher, ...), stable across processes."""
-    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(2, dtype=np.uint64)[0] >> 1)

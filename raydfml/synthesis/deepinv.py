@@ -34,6 +34,7 @@ from ..data.augment import augment as apply_augment, check_augment
 from ..errors import UserError
 from ..models import Generator
 from .base import BNStatsLoss, Recovered, cpu_generator, frozen, make_normalizer, module_device
+from .registry import register_synthesizer
 
 KEEP = ("best", "last")
 
@@ -139,4 +140,11 @@ class GeneratorInversion:
                          teacher_acc=acc, loss=kept_loss, passes=self.steps, seconds=time.perf_counter() - t0)
 
 
-__all__ = ["GeneratorInversion", "adversarial_kl", "KEEP"]
+@register_synthesizer("generator")
+def build_generator_inversion(sc, image_size: int) -> GeneratorInversion:
+    return GeneratorInversion(image_size=image_size, per_class=sc.per_class, steps=sc.steps,
+                              lr_generator=sc.lr_generator, lr_latent=sc.lr_latent, bn_weight=sc.bn_weight,
+                              ce_weight=sc.ce_weight, augment=sc.augment, nz=sc.nz, ngf=sc.ngf)
+
+
+__all__ = ["GeneratorInversion", "adversarial_kl", "build_generator_inversion", "KEEP"]

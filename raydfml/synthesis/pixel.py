@@ -25,6 +25,7 @@ from ..data.augment import check_augment
 from ..errors import UserError
 from .base import Recovered, cpu_generator, module_device
 from .purer import purer_teacher_loss
+from .registry import register_synthesizer
 
 
 class PixelInversion:
@@ -61,4 +62,9 @@ class PixelInversion:
                          teacher_acc=kept_acc, loss=kept_loss, passes=self.steps, seconds=time.perf_counter() - t0)
 
 
-__all__ = ["PixelInversion"]
+@register_synthesizer("pixel")
+def build_pixel(sc, image_size: int) -> PixelInversion:
+    return PixelInversion(image_size=image_size, per_class=sc.per_class, steps=sc.steps, lr=sc.lr_pixel)
+
+
+__all__ = ["PixelInversion", "build_pixel"]

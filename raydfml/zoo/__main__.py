@@ -47,7 +47,7 @@ def main(argv=None) -> int:
     data_root = Path(args.data_root).resolve()
     zoo_dir = Path(args.zoo_dir).resolve() if args.zoo_dir else default_zoo_dir(data_root, cfg)
     if args.address and args.workers > 0:
-        from ..runtime.cluster import ensure_ray
+        from ..cluster import ensure_ray
 
         ensure_ray(address=args.address)
     t0 = time.time()

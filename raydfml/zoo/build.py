@@ -152,7 +152,7 @@ def train_teacher(images: np.ndarray, labels: np.ndarray, classes: tuple[int, ..
 
 def _train_task(images: np.ndarray, labels: np.ndarray, classes: tuple[int, ...], cfg: ZooConfig, seed: int):
     """Body of the Ray task: pick the device Ray gave us (one CPU thread, or a GPU share)."""
-    from ..runtime.cluster import worker_device
+    from ..cluster import worker_device
 
     return train_teacher(images, labels, classes, cfg, seed, worker_device())
 
@@ -226,7 +226,7 @@ def build_zoo(cfg: ZooConfig, zoo_dir: str | Path, data_root: str | Path, worker
 def _build_on_ray(cfg, split, todo, workers, finish, bar) -> None:
     import ray
 
-    from ..runtime.cluster import ensure_ray, gpu_fraction
+    from ..cluster import ensure_ray, gpu_fraction
 
     ensure_ray()
     task = ray.remote(_train_task).options(num_cpus=1, num_gpus=gpu_fraction(workers), max_retries=1)

@@ -73,7 +73,7 @@ def test_each_row_is_normalised_with_its_class_dataset(mixed_pool):
     cfg, _ = mixed_pool
     meta = MetaLearner(cfg.to_dict(), [0, 1000], device="cpu", load_val=False)
     x = torch.full((4, 3, 8, 8), 0.6)
-    out = meta._normalize(x, torch.tensor([0, 1, 1, 0]), (3, 1003))     # class 3 of CIFAR-FS, class 3 of mini
+    out = meta.normalize(x, torch.tensor([0, 1, 1, 0]), (3, 1003))     # class 3 of CIFAR-FS, class 3 of mini
     for row, name in [(0, "cifarfs"), (1, "miniimagenet"), (2, "miniimagenet"), (3, "cifarfs")]:
         s = get_spec(name)
         want = (0.6 - torch.tensor(s.mean)) / torch.tensor(s.std)
@@ -92,14 +92,16 @@ def test_free_round_over_both_resolutions_banks_working_size_images(mixed_pool):
     meta = MetaLearner(cfg.to_dict(), classes, device="cpu")
     assert {d: s.images.shape[-1] for d, s in meta.val_splits.items()} == {"cifarfs": 84, "miniimagenet": 84}
     pool = TeacherPool(cfg.to_dict(), entries, device="cpu")
-    items = pool.recover_free(0, [0, 2], meta.generator_state(), meta.flat_params())
-    assert [it["images"].shape[-1] for it in items] == [84, 84]
-    for it in items:
-        assert 0.0 <= it["teacher_acc"] <= 1.0 and np.isfinite(it["inv_loss"])
-    meta.free_step(items, warmup=False)
+    _, records = pool.work("adapt", 0, [0, 2], None, meta.central("generator_state", 0), meta.flat_params(), "task")
+    assert [r.images.shape[-1] for r in records] == [84, 84]
+    for r in records:
+        assert 0.0 <= r.teacher_acc <= 1.0 and np.isfinite(r.inv_loss)
+    meta.central("generator_step", 0, (False,), records)
+    meta.bank_records(records)
+    assert np.isfinite(meta.aggregate(records)["kd/loss"])
     assert {c // 1000 for c in meta.bank.classes} == {0, 1}
     assert all(meta.bank._rings[c].shape[-1] == 84 for c in meta.bank.classes)
-    stats = meta.replay(1)
+    stats = meta.replay(0, 1)
     assert np.isfinite(stats["replay/loss"])
 
 

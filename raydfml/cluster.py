@@ -5,7 +5,7 @@ import math
 import os
 from pathlib import Path
 
-_PACKAGE_PARENT = str(Path(__file__).resolve().parents[2])
+_PACKAGE_PARENT = str(Path(__file__).resolve().parents[1])
 
 
 def ensure_ray(address: str | None = None, num_cpus: int | None = None, num_gpus: int | None = None):

@@ -1,0 +1,91 @@
+"""One experiment end to end, above the runtime: what ``launch.py``, a comparison and a Tune trial share.
+
+data -> teacher pool -> the runtime's round loop (:func:`raydfml.runtime.driver.train`) -> final
+seeded meta-test with baselines -> a complete run directory (``results.json`` written last).
+``run_method`` takes a ``reporter`` called after every round, which is how a Tune trial reports and
+checkpoints while running exactly the loop ``launch.py`` runs.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Callable
+
+from .config import ExperimentConfig
+from .data.layout import ensure_dataset
+from .errors import UserError
+from .runtime.driver import CHECKPOINT, train
+from .runtime.pool import existing_pool, pool_datasets, prepare_pool
+from .utils import seed_everything
+
+
+def default_run_dir(cfg: ExperimentConfig) -> Path:
+    return Path("runs") / f"{cfg.scenario}-{cfg.method}-{cfg.profile}-s{cfg.seed}"
+
+
+def run_dir_for(cfg: ExperimentConfig, resume: bool = False) -> Path:
+    """The run directory of ``cfg`` (``cfg.out`` or the default), checked against ``resume``:
+    a fresh run refuses a finished directory, a resumed one needs its checkpoint."""
+    run_dir = Path(cfg.out).resolve() if cfg.out else default_run_dir(cfg).resolve()
+    if not resume and (run_dir / "results.json").exists():
+        raise UserError(f"--out {run_dir}: a finished run is already there; choose another --out or delete it")
+    if resume and not (run_dir / CHECKPOINT).is_file():
+        raise UserError(f"--resume: no checkpoint at {run_dir / CHECKPOINT}")
+    return run_dir
+
+
+def run_summary(cfg: ExperimentConfig, trained: dict, t_start: float, run_dir: Path) -> dict:
+    """The results.json fields that describe the run itself."""
+    return {"scenario": cfg.scenario, "method": cfg.method, "profile": cfg.profile, "seed": cfg.seed,
+            "wall_s": round(time.time() - t_start, 1), "meta_updates": trained["meta_updates"],
+            "best_val": trained["best_val"], "best_round": trained["best_round"],
+            "actors_replaced": trained["actors_replaced"], "run_dir": str(run_dir)}
+
+
+def prepare_experiment(cfg: ExperimentConfig, resume: bool = False, progress: bool = True) -> list:
+    """Data on disk, Ray started (when ``runtime.workers > 0``) and the teacher pool: what every
+    method run on ``cfg``'s scenario shares. Returns the pool's entries."""
+    data_root = Path(cfg.data.data_root).resolve()
+    for dataset in pool_datasets(cfg):          # md: every domain (data.dataset is domains[0])
+        ensure_dataset(data_root, dataset)
+    if cfg.runtime.workers > 0:
+        from .cluster import ensure_ray
+
+        ensure_ray(address=cfg.runtime.address)
+    return existing_pool(cfg) if resume else prepare_pool(cfg, cfg.runtime.workers, progress)
+
+
+def run_method(cfg: ExperimentConfig, run_dir: Path, entries, resume: bool = False, progress: bool = True,
+               evaluate: Callable | None = None, t_start: float | None = None,
+               reporter: Callable | None = None) -> dict:
+    """Train ``cfg.method`` on a prepared pool, meta-test it and write its run directory (results.json
+    last). ``evaluate(cfg, trained, entries, progress)`` returns the results fields of the meta-test
+    (default :func:`raydfml.baselines.evaluate_final`: the method and all its baselines).
+    ``reporter(round, metrics, executor)`` is called after every round's checkpoint."""
+    from .baselines import evaluate_final
+    from .report import RunReport
+
+    t_start = time.time() if t_start is None else t_start
+    evaluate = evaluate_final if evaluate is None else evaluate
+    report = RunReport(run_dir, cfg.to_dict(), resume=resume)
+    try:
+        trained = train(cfg, run_dir, report, resume=resume, progress=progress, entries=entries,
+                        on_round_end=reporter)
+        results = evaluate(cfg, trained, entries, progress=progress)
+        results.update(run_summary(cfg, trained, t_start, run_dir))
+        report.finish(results)
+    finally:
+        report.close()
+    return results
+
+
+def run_experiment(cfg: ExperimentConfig, resume: bool = False, progress: bool = True) -> dict:
+    """Everything ``launch.py`` does for one experiment; returns the results dict also written to disk."""
+    t_start = time.time()
+    seed_everything(cfg.seed)
+    run_dir = run_dir_for(cfg, resume)
+    entries = prepare_experiment(cfg, resume, progress)
+    return run_method(cfg, run_dir, entries, resume=resume, progress=progress, t_start=t_start)
+
+
+__all__ = ["default_run_dir", "prepare_experiment", "run_dir_for", "run_experiment", "run_method", "run_summary"]

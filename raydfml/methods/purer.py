@@ -1,0 +1,152 @@
+"""``purer``: PURER's one learnable synthetic dataset, inverted from all teachers, with the episode
+curriculum and its adversarial hardening step (ECI).
+
+Per round: the MetaLearner hands each drawn teacher the current images of its classes; the teacher's
+TeacherPool actor returns the gradient of its DeepInversion loss (CE + BN statistics + TV + L2)
+w.r.t. those rows; the MetaLearner sums them per class and takes one Adam step of the dataset, adding
+the hardening term when the curriculum switched it on. Replay draws its tasks from the dataset (not
+from a bank), and the replay accuracy drives the curriculum. There is no per-teacher meta-gradient.
+
+Fixes against the seeds are listed in :mod:`raydfml.synthesis.purer`; in addition the loss weights
+are options here (``purer.bn_weight`` ...) instead of constants.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..data.augment import augment, check_augment
+from ..errors import UserError
+from ..records import TeacherRecord
+from ..synthesis.purer import PurerDataset, purer_teacher_loss
+from ..utils import task_seed
+from .base import Method
+from .registry import register_method
+
+
+@dataclass
+class PurerConfig:
+    """PURER's options (``--set purer.<option>=...``); the seeds' values by default."""
+    lr: float = 0.25                  # Adam lr of the synthetic dataset
+    adv_start: int = 4000             # round at which the hardening curriculum first fires
+    patience: int = 6                 # then: rounds without a new best replay accuracy before it fires again
+    adv_scale: float = 10.0           # weight of the hardening term
+    bn_weight: float = 0.01           # per-teacher inversion loss: BN-statistics prior ...
+    tv_weight: float = 1e-4           # ... total variation ...
+    l2_weight: float = 1e-5           # ... and L2 of the normalised images
+    augment: str = "shift"            # augmentation of the rows inside the teachers' loss
+
+
+@register_method("purer")
+class Purer(Method):
+    Config = PurerConfig
+    preset = {"synth.name": "pixel", "synth.per_class": 20, "train.kd_steps": 0}
+    profiles = {"smoke": {"purer.adv_start": 2, "purer.patience": 2},
+                "quick": {"purer.adv_start": 6, "purer.patience": 6}}
+
+    @classmethod
+    def validate(cls, cfg) -> None:
+        o = cfg.section("purer")
+        if cfg.aggregate.rule != "mean" or cfg.train.kd_steps > 0:
+            raise UserError("method purer makes no per-teacher meta-gradient step: keep aggregate.rule=mean "
+                            "and train.kd_steps=0")
+        if not o.lr > 0 or o.patience < 1 or o.adv_scale < 0:
+            raise UserError(f"config purer: lr must be > 0, patience >= 1 and adv_scale >= 0 (got lr={o.lr}, "
+                            f"patience={o.patience}, adv_scale={o.adv_scale})")
+        check_augment(o.augment)
+        lc = cfg.learner
+        if lc.train_shot + lc.train_query > cfg.synth.per_class:
+            raise UserError(f"config synth.per_class={cfg.synth.per_class}: PURER draws {lc.train_shot} support + "
+                            f"{lc.train_query} query images per class from it (learner.train_shot/train_query)")
+
+    def loss_config(self) -> dict:
+        o = self.options
+        return {"bn_weight": o.bn_weight, "tv_weight": o.tv_weight, "l2_weight": o.l2_weight, "augment": o.augment}
+
+    # --- driver -----------------------------------------------------------------------------------
+    def run_round(self, rnd):
+        t0 = time.perf_counter()
+        teachers = rnd.draw_teachers()
+        rows = rnd.on_meta("rows", {t: rnd.entries[t].global_classes for t in teachers})
+        batch = rnd.on_teachers("row_grads", teachers, per_teacher=rows)
+        rnd.metrics.update(rnd.on_meta("step", records=batch))
+        rnd.metrics["time/synthesis_s"] = time.perf_counter() - t0
+        for rec in batch.summaries:
+            key = f"teachers/{rec.arch}"
+            rnd.metrics[key] = rnd.metrics.get(key, 0.0) + 1.0
+        return None                     # the dataset is not a per-teacher recovery to log
+
+    # --- TeacherPool ------------------------------------------------------------------------------
+    def teacher_row_grads(self, pool, round_idx: int, tid: int, rows) -> TeacherRecord:
+        """The teacher's inversion loss on its classes' current rows and its gradient w.r.t. them."""
+        classes, spec = pool.classes_of(tid), pool.spec_of(tid)
+        rec = purer_teacher_loss(pool.teacher(tid), classes, torch.from_numpy(np.asarray(rows).copy()).to(pool.device),
+                                 spec.mean, spec.std, seed=task_seed(self.cfg.seed, round_idx, tid, 1),
+                                 **self.loss_config())
+        return TeacherRecord(teacher=tid, arch=pool.arch_of(tid), classes=classes, inv_loss=rec.loss,
+                             teacher_acc=rec.teacher_acc, seconds=rec.seconds,
+                             state_grad=rec.state_grad["rows"].detach().cpu().numpy())
+
+    # --- MetaLearner ------------------------------------------------------------------------------
+    def init_central(self, ml) -> None:
+        """One learnable set of rows per global class the pool's teachers know."""
+        o = self.options
+        self.dataset = PurerDataset(classes=sorted(set(ml.pool_classes)), per_class=self.cfg.synth.per_class,
+                                    image_size=ml.image_size, lr=o.lr, bn_weight=o.bn_weight, tv_weight=o.tv_weight,
+                                    l2_weight=o.l2_weight, adv_start=o.adv_start, patience=o.patience,
+                                    adv_scale=o.adv_scale, augment=o.augment, seed=self.cfg.seed)
+        self.adv_next = False           # the curriculum: harden the next round?
+
+    def central_rows(self, ml, round_idx: int, records, teacher_classes: dict[int, tuple[int, ...]]) -> dict:
+        """The current images of each teacher's classes (what its TeacherPool actor inverts against)."""
+        return {t: self.dataset.rows_for(c).cpu().numpy() for t, c in teacher_classes.items()}
+
+    def central_step(self, ml, round_idx: int, records) -> dict:
+        """One Adam step of the dataset from the teachers' row gradients (summed per class), plus the
+        hardening term when the curriculum switched it on."""
+        pairs = [(rec.classes, torch.from_numpy(np.asarray(rec.state_grad))) for rec in records]
+        adversarial = self.adv_next
+        stats = self.dataset.step(pairs, (lambda images: self._adversarial_loss(ml, images)) if adversarial else None)
+        self.adv_next = False
+        out = {"synth/inv_loss": float(np.mean([r.inv_loss for r in records])),
+               "synth/teacher_acc": float(np.mean([r.teacher_acc for r in records])),
+               "purer/adversarial": float(adversarial), "purer/grad_norm": stats["grad_norm"]}
+        if stats["adv_loss"] is not None:
+            out["purer/adv_loss"] = stats["adv_loss"]
+        return out
+
+    def _adversarial_loss(self, ml, images: torch.Tensor) -> torch.Tensor:
+        """Minus the meta-model's outer query loss on a task drawn from the (non-detached) images:
+        maximising it makes the synthetic tasks harder for the current meta-model (PURER's ECI)."""
+        lc, t = self.cfg.learner, self.cfg.train
+        x_s, y_s, x_q, y_q, classes = self.dataset.sample_task(t.way, lc.train_shot, lc.train_query, ml.aug_gen,
+                                                               images=images)
+        x_s = ml.normalize(augment(x_s, t.augment, ml.aug_gen), y_s, classes).to(ml.device)
+        x_q = ml.normalize(augment(x_q, t.augment, ml.aug_gen), y_q, classes).to(ml.device)
+        params = {n: p.detach() for n, p in ml.params.items()}
+        fast = ml.learner.adapt(params, x_s, y_s.to(ml.device), create_graph=True)
+        return -F.cross_entropy(ml.learner.forward(fast, x_q), y_q.to(ml.device))
+
+    def sample_task(self, ml):
+        lc, t = self.cfg.learner, self.cfg.train
+        return self.dataset.sample_task(t.way, lc.train_shot, lc.train_query, ml.aug_gen)
+
+    def after_replay(self, ml, round_idx: int, accuracies: list[float]) -> None:
+        if accuracies:      # the curriculum watches the pseudo-task training accuracy (the seeds' switch rule)
+            self.adv_next = self.dataset.curriculum(round_idx, float(np.mean(accuracies)))
+
+    def state_dict(self) -> dict:
+        return {"dataset": self.dataset.state_dict(), "adv_next": self.adv_next}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.dataset.load_state_dict(state["dataset"])
+        for group in self.dataset.optimizer.param_groups:     # this run's lr, not the checkpoint's
+            group["lr"] = self.options.lr
+        self.adv_next = bool(state["adv_next"])
+
+
+__all__ = ["Purer", "PurerConfig"]

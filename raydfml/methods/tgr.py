@@ -1,0 +1,142 @@
+"""``tgr``: TGR's teacher groups from a task space, and implicit gradient regularisation inside a group.
+
+Once per run (or every ``tgr.regroup_every`` rounds), every teacher of the pool, across all datasets
+and architectures, is recovered and embedded on the TeacherPool actors as the diagonal Fisher of an
+offline probe; spectral clustering of the embeddings' dissimilarity forms heterogeneous groups,
+cached in ``<run_dir>/tgr_groups.json``. Each round draws one group, then ``train.teachers_per_round``
+of its teachers without replacement (TGR drew with replacement), recovers them with a fresh generator
+(``synth.name=generator``) and makes one meta-update with the ``igr`` rule.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import UserError
+from ..utils import task_seed
+from .base import TeacherRecovery
+from .registry import register_method
+
+log = logging.getLogger(__name__)
+PROBES = ("random", "teacher")
+
+
+@dataclass
+class TgrConfig:
+    """TGR's options (``--set tgr.<option>=...``); the rule's are ``igr.eta`` and ``igr.form``."""
+    groups: int = 5                   # heterogeneous groups over all teachers
+    regroup_every: int = 0            # re-embed and re-group every R rounds (0: groups fixed, as TGR)
+    probe: str = "random"             # Fisher probe: random (a seeded Conv4) | teacher (pool teacher 0)
+
+
+@register_method("tgr")
+class Tgr(TeacherRecovery):
+    Config = TgrConfig
+    preset = {"synth.name": "generator", "aggregate.rule": "igr"}
+    profiles = {"smoke": {"tgr.groups": 2}, "quick": {"tgr.groups": 3}}
+
+    @classmethod
+    def validate(cls, cfg) -> None:
+        o = cfg.section("tgr")
+        if o.groups < 1:
+            raise UserError(f"config tgr.groups={o.groups}: must be at least 1")
+        if o.probe not in PROBES:
+            raise UserError(f"config tgr.probe={o.probe!r}: choose {' or '.join(PROBES)}")
+        if o.regroup_every < 0:
+            raise UserError(f"config tgr.regroup_every={o.regroup_every}: must be 0 (never) or more")
+        if cfg.train.kd_steps < 1:
+            raise UserError("config train.kd_steps=0: method tgr needs the per-teacher step (kd_steps >= 1)")
+
+    # --- driver -----------------------------------------------------------------------------------
+    def round_teachers(self, rnd) -> list[int]:
+        if getattr(self, "groups", None) is None:
+            self.groups = TaskGroups(self.cfg, rnd.entries, rnd.run_dir)
+        rnd.metrics["tgr/group"] = float(self.groups.round_group(rnd.index, rnd))
+        return self.groups.round_teachers(rnd.index, rnd)
+
+    # --- TeacherPool ------------------------------------------------------------------------------
+    def teacher_embed(self, pool, round_idx: int, tid: int, _payload, epoch: int, probe: str):
+        """Recover the teacher's data and embed it as the diagonal Fisher of a fixed probe network.
+
+        ``probe="random"``: a seeded random Conv4 (the same on every actor: a function of the seed);
+        ``"teacher"``: pool teacher 0 (a trained network; the same for every teacher embedded). Seeded
+        apart from the training rounds, by the grouping epoch.
+        """
+        from ..aggregation.task_space import fisher_embedding, make_probe
+
+        net = pool.cache.get(("probe", probe))
+        if net is None:
+            net = pool.teacher(0) if probe == "teacher" else make_probe(
+                task_seed(self.cfg.seed, 41), image_size=pool.image_size,
+                adaptive_pool=self.cfg.learner.adaptive_pool, way=self.cfg.pool.way).to(pool.device)
+            pool.cache[("probe", probe)] = net
+        seed = task_seed(self.cfg.seed, 43, epoch, tid)
+        rec = pool.synthesize(tid, seed)
+        record = pool.record(tid, rec)
+        spec = pool.spec_of(tid)
+        emb = fisher_embedding(net, rec.images, rec.labels, spec.mean, spec.std, seed=seed)
+        record.embedding = emb.cpu().numpy().astype(np.float32)
+        return record
+
+
+class TaskGroups:
+    """TGR's heterogeneous teacher groups for a run: formed from Fisher embeddings of *all* teachers
+    (computed on the TeacherPool actors), cached in ``<run_dir>/tgr_groups.json`` (reused on resume),
+    re-formed every ``tgr.regroup_every`` rounds when that is > 0."""
+
+    FILE = "tgr_groups.json"
+
+    def __init__(self, cfg, entries, run_dir: Path):
+        self.cfg, self.entries, self.run_dir = cfg, entries, Path(run_dir)
+        self.options = cfg.section("tgr")
+        self._groups: list[list[int]] | None = None
+        self._formed_at = None
+
+    def _epoch(self, r: int) -> int:
+        every = self.options.regroup_every
+        return r // every if every > 0 else 0
+
+    def _path(self, epoch: int) -> Path:
+        return self.run_dir / (self.FILE if epoch == 0 else f"tgr_groups_{epoch}.json")
+
+    def groups(self, r: int, rnd) -> list[list[int]]:
+        """The groups in force at round ``r``: from the cache file, else embedded on the actors."""
+        from ..aggregation.task_space import heterogeneous_groups, load_groups, save_groups, task_similarity
+
+        epoch = self._epoch(r)
+        if self._groups is not None and self._formed_at == epoch:
+            return self._groups
+        ids = [e.index for e in self.entries]
+        groups = load_groups(self._path(epoch), teacher_ids=ids)
+        if groups is None:
+            t0 = time.perf_counter()
+            batch = rnd.on_teachers("embed", ids, epoch, self.options.probe)
+            # The embedding phase's recovered data is real work: it enters the bank too.
+            records = rnd.fetch(batch)
+            rnd.bank(batch)
+            sim = task_similarity(torch.stack([torch.from_numpy(np.array(r.embedding)) for r in records]))
+            n = min(self.options.groups, len(ids))
+            groups = heterogeneous_groups(sim, n, seed=self.cfg.seed)
+            save_groups(self._path(epoch), groups, teacher_ids=ids, similarity=sim,
+                        archs=[self.entries[i].record.arch for i in ids], seconds=round(time.perf_counter() - t0, 2))
+            log.info("TGR groups (epoch %d): %s", epoch, groups)
+        self._groups, self._formed_at = groups, epoch
+        return groups
+
+    def round_group(self, r: int, rnd) -> int:
+        return int(np.random.default_rng([self.cfg.seed, 6007, r]).integers(len(self.groups(r, rnd))))
+
+    def round_teachers(self, r: int, rnd) -> list[int]:
+        """One group per round, then ``teachers_per_round`` of its teachers without replacement."""
+        group = self.groups(r, rnd)[self.round_group(r, rnd)]
+        rng = np.random.default_rng([self.cfg.seed, 6011, r])
+        k = min(self.cfg.train.teachers_per_round, len(group))
+        return sorted(int(group[i]) for i in rng.choice(len(group), size=k, replace=False))
+
+
+__all__ = ["Tgr", "TgrConfig", "TaskGroups"]
