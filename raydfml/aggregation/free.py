@@ -25,20 +25,11 @@ import torch
 from torch import Tensor
 
 from ..errors import UserError
+from ..learners.base import whole_task
 from .registry import Rule, register_rule
 
 FREE_SCALE = 67.0
 OPTIMIZERS = ("adam", "sgd")
-
-
-def _whole_task(task) -> tuple[Tensor, Tensor, Tensor | None]:
-    """Support and query as one batch (FREE distilled on all of a teacher's recovered images at once)."""
-    x = torch.cat([task.x_support, task.x_query])
-    y = torch.cat([task.y_support, task.y_query])
-    t = None
-    if task.t_support is not None and task.t_query is not None:
-        t = torch.cat([task.t_support, task.t_query])
-    return x, y, t
 
 
 def reptile_alignment(learner, params: Mapping[str, Tensor], teacher_tasks: Sequence, *, lr: float = 1e-3,
@@ -68,7 +59,7 @@ def reptile_alignment(learner, params: Mapping[str, Tensor], teacher_tasks: Sequ
     losses = []
     with torch.enable_grad():
         for task in teacher_tasks:
-            x, y, t = _whole_task(task)
+            x, y, t = whole_task(task)
             for _ in range(steps_per_task):
                 loss = learner.task_loss_fn(learner.forward(fast, x), y, t)
                 grads = torch.autograd.grad(loss, leaves, allow_unused=True)

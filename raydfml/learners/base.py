@@ -57,6 +57,17 @@ class Task:
         return int(self.y_support.max()) + 1
 
 
+def whole_task(task: Task) -> tuple[Tensor, Tensor, Tensor | None]:
+    """A task's support and query as one batch (images, labels, teacher logits or None): all of a
+    teacher's recovered images, as FREE and TGR distil on them."""
+    x = torch.cat([task.x_support, task.x_query])
+    y = torch.cat([task.y_support, task.y_query])
+    t = None
+    if task.t_support is not None and task.t_query is not None:
+        t = torch.cat([task.t_support, task.t_query])
+    return x, y, t
+
+
 # ----------------------------------------------------------------------------------------- losses
 
 def distill_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0) -> Tensor:
@@ -220,6 +231,11 @@ class Learner:
         if self._features_net is None:
             raise TypeError(f"{type(self.model).__name__} has no forward_features method")
         return functional_call(self._features_net, {"model." + n: v for n, v in params.items()}, (x,))
+
+    def whole_task_loss(self, params: Mapping[str, Tensor], task: Task) -> Tensor:
+        """The task loss (KD + CE) at ``params`` on the task's support and query together."""
+        x, y, t = whole_task(task)
+        return self.task_loss_fn(self.forward(params, x), y, t)
 
     def adapted_names(self, params: Mapping[str, Tensor]) -> list[str]:
         """Names of the parameters the inner loop updates."""

@@ -59,7 +59,7 @@ class Free(Method):
             raise UserError(f"config synth.name={cfg.synth.name!r}: method free recovers with its meta-generator "
                             "(synth.name=generator)")
         if cfg.train.kd_steps < 1:
-            raise UserError(f"config train.kd_steps=0: method free needs the per-teacher step (kd_steps >= 1)")
+            raise UserError("config train.kd_steps=0: method free needs the per-teacher step (kd_steps >= 1)")
         if build_rule(cfg).two_pass:
             raise UserError(f"config aggregate.rule={cfg.aggregate.rule}: a two-pass rule would re-adapt every "
                             "teacher's generator; with free use a one-pass rule (align, mean, igr with igr.form=exact)")

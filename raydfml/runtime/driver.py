@@ -120,7 +120,7 @@ def train(cfg: ExperimentConfig, run_dir: Path, report, resume: bool = False, pr
         return _round_loop(cfg, Path(run_dir), report, resume, progress, executor, entries, on_round_end)
     finally:
         if owned:
-            executor.shutdown()   # free the actors' resources for the evaluation tasks
+            executor.shutdown()   # release the actors' resources for the evaluation tasks
 
 
 def _round_loop(cfg, run_dir: Path, report, resume, progress, executor, entries, on_round_end) -> dict:

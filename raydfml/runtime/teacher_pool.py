@@ -151,7 +151,7 @@ class TeacherPool:
     def gradient_into(self, record: TeacherRecord, task, theta, needs: str) -> None:
         """``record.grad``/``loss``/``accuracy`` from the teacher's ``task`` at the flat state ``theta``:
         the learner's meta-gradient (``meta_grad``, distillation on the query) or the gradient of the
-        whole-task loss ``L_i`` (``task_grad``, FREE/TGR's per-teacher loss)."""
+        whole-task loss ``L_i`` (``task_grad``, the per-teacher loss of the alignment rules)."""
         t0 = time.perf_counter()
         params = self.params(theta)
         if needs == "meta_grad":
@@ -179,13 +179,11 @@ class TeacherPool:
 
     def _task_grad(self, task, params) -> tuple[np.ndarray, dict]:
         """Gradient of ``L_i(θ)`` = the learner's task loss (KD + CE) on all of the task's images."""
-        from ..aggregation.tgr import task_losses
         from ..learners import flatten
 
-        loss_fn = task_losses(self.learner, [task])[0]
         leaves = {n: v.detach().requires_grad_(True) for n, v in params.items()}
         with torch.enable_grad():
-            loss = loss_fn(leaves)
+            loss = self.learner.whole_task_loss(leaves, task)
             gs = torch.autograd.grad(loss, [leaves[n] for n in self.names], allow_unused=True)
         grads = {n: (torch.zeros_like(leaves[n]) if g is None else g) for n, g in zip(self.names, gs)}
         return flatten(grads, self.names).detach().cpu().numpy().astype(np.float32), {"loss": float(loss.detach())}
