@@ -2,13 +2,17 @@
 
 An experiment is ``scenario x method x profile`` plus explicit overrides:
 
-- scenario: which data and teacher pool (``mr`` one dataset and architecture; ``md``/``ma`` and the
-  black-box scenarios come with their issues),
-- method: which parts (synthesizer, aggregation rule, learner) with their hyperparameters,
+- scenario: which data and teacher pool (``mr`` one dataset and architecture, ``ma`` three
+  architectures, ``md`` several datasets),
+- method: a registered method (``raydfml.methods``) with its preset of shared values (which
+  synthesizer, which aggregation rule) and its own option section,
 - profile: how much compute (``smoke`` for tests, ``quick`` the CPU default, ``paper`` the seeds' values).
 
-``resolve()`` applies them in that order, then the overrides (dotted keys such as
-``learner.inner_lr``). Nothing else changes what gets built: constructors take these values.
+``resolve()`` layers them (profile, scenario, the method's preset and its per-profile values), then
+the overrides (dotted keys such as ``learner.inner_lr`` or ``free.warmup``). The shared sections are
+the dataclasses below; the method's and the aggregation rule's option sections are the ``Config``
+dataclasses they registered, kept in ``ExperimentConfig.sections`` under their names. Nothing else
+changes what gets built: constructors take these values.
 """
 from __future__ import annotations
 
