@@ -5,7 +5,10 @@ Baselines (DESIGN.md "Evaluation protocol"):
 - ``teacher_average``: PURER's FedAvg of the teachers' weights (only when every teacher has the
   meta-model's architecture and width);
 - ``with_data``: the same learner meta-trained on *real* meta-train episodes for the same number of
-  meta-updates: the upper bound data-free methods chase.
+  meta-updates: the upper bound data-free methods chase;
+- ``with_data_pool``: the same, on real episodes of only the meta-train classes the pool's teachers
+  cover: the bound for *this* pool. The gap between the two is what the pool's class coverage costs;
+  the gap between ``with_data_pool`` and the method is what synthesis and distillation lose.
 
 Scenario md (``data.domains``): every model x shot cell is meta-tested on each domain's meta_test
 split, on the same seeded tasks per domain for every model (``meta_test_domains``); ``meta_test`` and
@@ -47,19 +50,33 @@ def teacher_average_params(cfg: ExperimentConfig, entries) -> tuple[dict | None,
         return None, f"teacher_average skipped: {exc}"
 
 
-def with_data_episodes(cfg: ExperimentConfig):
+TRAINED_BASELINES = ("with_data", "with_data_pool")      # meta-trained for the method's number of updates
+
+
+def pool_classes(cfg: ExperimentConfig, entries) -> dict[str, list[int]]:
+    """Per dataset of the pool, the meta-train class ids (of that dataset) its teachers cover."""
+    return {d: sorted({int(c) for e in entries if e.dataset == d for c in e.record.classes})
+            for d in pool_datasets(cfg)}
+
+
+def with_data_episodes(cfg: ExperimentConfig, classes: dict[str, list[int]] | None = None):
     """Endless real meta-train episodes for the with-data baseline, as ``(dataset, spec, episode)``.
 
     One dataset: its seeded sampler's episodes 0, 1, 2, ... md: round-robin over the domains, episode
     k from domain ``k % D`` (its sampler's episode ``k // D``), so every meta-batch mixes domains
     evenly; each domain has its own seeded sampler (domain 0's seed is the single-dataset one).
+    ``classes`` (``with_data_pool``) restricts each dataset to those class ids; a dataset with fewer
+    than ``train.way`` of them is left out.
     """
     lc, tr = cfg.learner, cfg.train
-    datasets = pool_datasets(cfg)
+    datasets = list(pool_datasets(cfg))
+    seeds = {d: task_seed(cfg.seed, 31, i) if i else task_seed(cfg.seed, 31) for i, d in enumerate(datasets)}
+    if classes is not None:
+        datasets = [d for d in datasets if len(classes.get(d, ())) >= tr.way]
     splits = [meta_split(cfg, d, "meta_train") for d in datasets]
-    samplers = [EpisodeSampler(split, way=tr.way, shot=lc.train_shot, query=lc.train_query,
-                               seed=task_seed(cfg.seed, 31, d) if d else task_seed(cfg.seed, 31))
-                for d, split in enumerate(splits)]
+    samplers = [EpisodeSampler(split, way=tr.way, shot=lc.train_shot, query=lc.train_query, seed=seeds[d],
+                               classes=None if classes is None else classes[d])
+                for d, split in zip(datasets, splits)]
     k = 0
     while True:
         d = k % len(splits)
@@ -67,11 +84,12 @@ def with_data_episodes(cfg: ExperimentConfig):
         k += 1
 
 
-def train_with_data(cfg: ExperimentConfig, meta_updates: int, device: torch.device, progress: bool = False):
+def train_with_data(cfg: ExperimentConfig, meta_updates: int, device: torch.device, progress: bool = False,
+                    classes: dict[str, list[int]] | None = None):
     """Meta-train the same learner on real meta-train episodes for ``meta_updates`` outer steps
-    (md: episodes of every domain, see :func:`with_data_episodes`)."""
+    (md: episodes of every domain; ``classes``: only those classes, see :func:`with_data_episodes`)."""
     lc = cfg.learner
-    episodes = with_data_episodes(cfg)
+    episodes = with_data_episodes(cfg, classes)
     params = {n: p.to(device).requires_grad_(True) for n, p in random_init_params(cfg).items()}
     model = build_meta_model(cfg).to(device)
     learner = build_learner_for(cfg, model)
@@ -95,11 +113,11 @@ def train_with_data(cfg: ExperimentConfig, meta_updates: int, device: torch.devi
     return {n: p.detach().cpu() for n, p in params.items()}
 
 
-def _with_data_task(cfg_dict: dict, meta_updates: int) -> dict:
+def _with_data_task(cfg_dict: dict, meta_updates: int, classes: dict | None = None) -> dict:
     from .cluster import worker_device
 
     cfg = ExperimentConfig.from_dict(cfg_dict)
-    return train_with_data(cfg, meta_updates, worker_device(cfg.runtime.device))
+    return train_with_data(cfg, meta_updates, worker_device(cfg.runtime.device), classes=classes)
 
 
 def _evaluate_one(cfg_dict: dict, params: dict, shot: int, device: str | None = None,
@@ -147,7 +165,7 @@ def evaluate_final(cfg: ExperimentConfig, trained: dict | None, entries, progres
     t0 = time.time()
     device = resolve_device(cfg.runtime.device)
     wanted = tuple(cfg.train.baselines if baselines is None else [b for b in cfg.train.baselines if b in baselines])
-    if with_data_updates is None and "with_data" in wanted:
+    if with_data_updates is None and set(TRAINED_BASELINES) & set(wanted):
         with_data_updates = trained["meta_updates"]
     notes: list[str] = []
     models: dict[str, dict] = {cfg.method: trained["best_params"]} if trained is not None else {}
@@ -160,14 +178,25 @@ def evaluate_final(cfg: ExperimentConfig, trained: dict | None, entries, progres
         else:
             notes.append(note)
     t_wd = time.time()
-    if "with_data" in wanted:
-        if cfg.runtime.workers > 0:   # a one-thread Ray task, like every other worker of the run
+    trained_refs = {}
+    for name in TRAINED_BASELINES:
+        if name not in wanted:
+            continue
+        classes = pool_classes(cfg, entries) if name == "with_data_pool" else None
+        if classes is not None and not any(len(c) >= cfg.train.way for c in classes.values()):
+            notes.append(f"with_data_pool skipped: the pool covers fewer than {cfg.train.way} classes of any dataset")
+            continue
+        if cfg.runtime.workers > 0:   # one-thread Ray tasks (in parallel), like every other worker of the run
             import ray
 
             task = ray.remote(_with_data_task).options(num_cpus=1, num_gpus=0)
-            models["with_data"] = ray.get(task.remote(cfg.for_workers(), with_data_updates))
+            trained_refs[name] = task.remote(cfg.for_workers(), with_data_updates, classes)
         else:
-            models["with_data"] = train_with_data(cfg, with_data_updates, device, progress)
+            models[name] = train_with_data(cfg, with_data_updates, device, progress, classes=classes)
+    if trained_refs:
+        import ray
+
+        models.update(zip(trained_refs, ray.get(list(trained_refs.values()))))
     t_wd = time.time() - t_wd
 
     datasets = pool_datasets(cfg)       # md: every domain's meta_test; else data.dataset alone

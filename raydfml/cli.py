@@ -34,6 +34,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=None, help="TeacherPool actors on Ray; 0 runs in-process (default 2)")
     p.add_argument("--device", default=None, help="auto | cpu | cuda (default auto)")
     p.add_argument("--seed", type=int, default=0, help="experiment seed (default 0)")
+    p.add_argument("--seeds", default=None, metavar="0,1,2",
+                   help="several seeds, comma-separated: one run (or comparison) per seed in <out>/seed<k>/, then "
+                        "mean ± std across seeds in <out>/seeds.md (default <out>: runs/<scenario>-<method or "
+                        "compare>-<profile>-seeds<k-...>)")
     p.add_argument("--address", default=None, help="Ray cluster address, e.g. auto (default: start a local Ray)")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its last checkpoint (a comparison: finished methods "
@@ -69,8 +73,8 @@ def method_names(value: str | None) -> list[str | None]:
     return names
 
 
-def build_config(args: argparse.Namespace, method: str | None = None):
-    """The resolved config of ``args`` (for ``method`` when given, else ``args.method``)."""
+def build_config(args: argparse.Namespace, method: str | None = None, seed: int | None = None):
+    """The resolved config of ``args`` (for ``method`` and ``seed`` when given, else ``args``')."""
     from raydfml.config import resolve
     from raydfml.errors import UserError
 
@@ -85,7 +89,8 @@ def build_config(args: argparse.Namespace, method: str | None = None):
                      ("runtime.address", args.address)]:
         if val is not None:
             overrides[key] = val
-    cfg = resolve(args.scenario, method or args.method, args.profile, overrides, seed=args.seed)
+    cfg = resolve(args.scenario, method or args.method, args.profile, overrides,
+                  seed=args.seed if seed is None else seed)
     if args.out:
         cfg.out = args.out
     return cfg
@@ -95,7 +100,12 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     methods = method_names(args.method)
     if args.tune:
+        from raydfml.errors import UserError
         from raydfml.tune import run_sweep
+
+        if args.seeds is not None:
+            raise UserError("--seeds with --tune: make seed a dimension of the sweep's space instead "
+                            "(space: {seed: {grid: [0, 1, 2]}})")
 
         overrides = dict(item.split("=", 1) for item in args.set if "=" in item)
         for key, val in [("data.dataset", args.dataset), ("data.data_root", args.data_root), ("pool.zoo_dir", args.zoo_dir),
@@ -106,6 +116,8 @@ def main(argv=None) -> int:
                         address=args.address, quiet=args.quiet,
                         overrides={k.strip(): v.strip() for k, v in overrides.items()})
         return 0 if out["complete"] and not out["errors"] else 1
+    if args.seeds is not None:
+        return several_seeds(args, methods)
     if len(methods) > 1:
         return compare(args, methods)
     from raydfml.report import domain_tables, results_table
@@ -117,6 +129,11 @@ def main(argv=None) -> int:
     print(("mean over domains\n" if domains else "") + results_table(results).to_string())
     for domain, table in domains.items():
         print(f"\n{domain}\n{table.to_string()}")
+    from raydfml.diagnostics import coverage_line, recovered_line
+
+    if results.get("recovered"):
+        print("\n" + recovered_line(results["recovered"]))
+    print(coverage_line(results["coverage"]))
     print(f"\nrun directory: {results['run_dir']}  (wall {results['wall_s']:.0f}s)")
     for note in results.get("notes", []):
         print(f"note: {note}")
@@ -126,7 +143,7 @@ def main(argv=None) -> int:
 def compare(args: argparse.Namespace, methods: list[str]) -> int:
     """Several methods on the same pool, one table (raydfml.compare)."""
     from raydfml.compare import run_comparison
-    from raydfml.report import comparison_table
+    from raydfml.compare import comparison_table
 
     cfgs = [build_config(args, m) for m in methods]     # every config error surfaces before any work
     comparison = run_comparison(cfgs, out_dir=args.out, resume=args.resume, progress=not args.quiet)
@@ -135,6 +152,37 @@ def compare(args: argparse.Namespace, methods: list[str]) -> int:
           f"per method inside)")
     for note in comparison["notes"]:
         print(f"note: {note}")
+    return 0
+
+
+def several_seeds(args: argparse.Namespace, methods: list) -> int:
+    """``--seeds``: the run or comparison once per seed, then mean ± std across seeds (raydfml.seeds)."""
+    from pathlib import Path
+
+    from raydfml.compare import run_comparison
+    from raydfml.experiment import run_experiment
+    from raydfml.runtime.driver import CHECKPOINT
+    from raydfml.seeds import default_seeds_dir, parse_seeds, run_seeds, seeds_table
+
+    seeds = parse_seeds(args.seeds)
+    cfgs = {s: [build_config(args, m, seed=s) for m in methods] for s in seeds}     # every error up front
+    ref = cfgs[seeds[0]][0]
+    out = Path(args.out) if args.out else default_seeds_dir(ref.scenario, [c.method for c in cfgs[seeds[0]]],
+                                                            ref.profile, seeds)
+
+    def run_one(seed: int, seed_dir: Path, resume: bool) -> dict:
+        if len(methods) > 1:
+            return run_comparison(cfgs[seed], out_dir=seed_dir, resume=resume, progress=not args.quiet)
+        cfg = cfgs[seed][0]
+        cfg.out = str(seed_dir)
+        return run_experiment(cfg, resume=resume and (seed_dir / CHECKPOINT).is_file(), progress=not args.quiet)
+
+    result = run_seeds(seeds, run_one, out, resume=args.resume)
+    import pandas as pd
+
+    print(seeds_table(pd.DataFrame(result["table"])).to_string())
+    print(f"\nmean ± std over seeds {', '.join(map(str, seeds))}; per-seed runs and tables in {result['out']}  "
+          f"(wall {result['wall_s']:.0f}s)")
     return 0
 
 

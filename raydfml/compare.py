@@ -7,8 +7,9 @@ shared rather than repeated per method:
 
 - ``random_init`` and ``teacher_average`` do not depend on the method: evaluated once, first, and
   copied into every method's ``results.json``;
-- ``with_data`` depends on the number of meta-updates: trained once, after the methods, with the
-  largest number among them (the table's notes say so), and reported in the comparison only.
+- ``with_data`` and ``with_data_pool`` depend on the number of meta-updates: each method's run trains
+  them for *its own* number (so its share of the with-data gain, ``recovered``, compares like with
+  like), and the table's baseline rows show those of the method with the most meta-updates.
 
 ``<out>/comparison.md``, ``comparison.csv`` and ``comparison.json`` hold the combined table; the json
 is written last, so its presence means the comparison completed. With ``resume`` a method whose
@@ -18,16 +19,21 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import time
 from pathlib import Path
+from typing import Any, Mapping
+
+import pandas as pd
 
 from . import baselines as _baselines
 from .config import ExperimentConfig, flatten
 from .errors import UserError
-from .report import COMPARISON_FILES, RESULTS_FILE, _jsonable, write_comparison
 from . import experiment
+from .diagnostics import gain_recovered
+from .report import RESULTS_FILE, _jsonable, _records, _write_text, format_markdown, models_table
 from .runtime.driver import CHECKPOINT
-from .utils import seed_everything
+from .utils import atomic_path, seed_everything
 
 SHARED_BASELINES = ("random_init", "teacher_average")
 
@@ -135,27 +141,26 @@ def _evaluate_shared(cfg: ExperimentConfig, entries, progress: bool) -> dict:
 
 
 def _method_evaluator(shared: dict, out: Path, methods: list[str]):
-    """``run_method``'s evaluate: the method's own meta-test plus the shared baselines' records."""
-    pointer = f"with_data: trained once for the whole comparison; see {out / 'comparison.md'}"
-
+    """``run_method``'s evaluate: the method's own meta-test, the with-data references trained for its
+    own number of meta-updates, and the shared baselines' records."""
     def evaluate(cfg, trained, entries, progress=True):
-        res = _baselines.evaluate_final(cfg, trained, entries, progress=progress, baselines=())
-        res["baselines"] = dict(shared["baselines"])
+        res = _baselines.evaluate_final(cfg, trained, entries, progress=progress,
+                                        baselines=_baselines.TRAINED_BASELINES)
+        own = res["baselines"]
+        res["baselines"] = {**shared["baselines"], **own}
         if "meta_test_domains" in res:                  # md: the shared baselines' domain records too
             _merge_domains(res["meta_test_domains"], shared["domains"], shared["baselines"])
         res["notes"] = [*shared["notes"], *res["notes"]]
-        if "with_data" in cfg.train.baselines:
-            res["notes"].append(pointer)
         res["comparison"] = {"out": str(out), "methods": methods, "shared_baselines": list(shared["baselines"]),
                              "baseline_notes": shared["notes"], "baselines_wall_s": shared["wall_s"]}
         return res
 
-    evaluate.pointer = pointer
     return evaluate
 
 
 def _run_row(res: dict, state: str) -> dict:
-    row = {k: res.get(k) for k in ("run_dir", "meta_test", "meta_updates", "wall_s", "best_val", "best_round")}
+    row = {k: res.get(k) for k in ("run_dir", "meta_test", "meta_updates", "wall_s", "best_val", "best_round",
+                                   "recovered")}
     row.update({k: v for k, v in res.items() if k.startswith("meta_test_") and k != "meta_test_domains"})
     row["state"] = state
     return row
@@ -212,21 +217,27 @@ def run_comparison(cfgs: list[ExperimentConfig], out_dir: str | Path | None = No
     if baseline_recs:
         notes.append(f"{' and '.join(baseline_recs)}: evaluated once and shared by every method "
                      "(independent of the method).")
-    if "with_data" in ref.train.baselines:
+    trained = [b for b in _baselines.TRAINED_BASELINES if b in ref.train.baselines]
+    if trained:
         updates = max(int(results[m]["meta_updates"]) for m in methods)
-        largest = [m for m in methods if int(results[m]["meta_updates"]) == updates]
-        seed_everything(ref.seed)
-        ev = _baselines.evaluate_final(ref, None, entries, progress=progress, baselines=("with_data",),
-                                       with_data_updates=updates)
-        baseline_recs["with_data"] = ev["baselines"]["with_data"]
-        _merge_domains(domains, ev.get("meta_test_domains"), ["with_data"])
-        info["with_data"] = {"meta_updates": updates, "wall_s": ev["time/with_data_s"]}
-        notes.append(f"with_data: the learner meta-trained on real meta-train episodes, once, for the largest "
-                     f"number of meta-updates among the methods ({updates}, {', '.join(largest)}); its wall time "
-                     "is its training.")
+        largest = next(m for m in methods if int(results[m]["meta_updates"]) == updates)
+        for name in trained:
+            recs = (results[largest].get("baselines") or {}).get(name)
+            if recs is None:
+                continue
+            baseline_recs[name] = recs
+            _merge_domains(domains, results[largest].get("meta_test_domains"), [name])
+            info[name] = {"meta_updates": updates}
+        notes.append(f"{' and '.join(trained)}: the learner meta-trained on real meta-train episodes (with_data_pool: "
+                     "only the classes the pool's teachers cover), trained in each method's run for its own number of "
+                     "meta-updates, against which its 'recovered' share is computed; the rows show "
+                     f"{largest}'s ({updates} meta-updates).")
+    for m in methods:
+        if not results[m].get("recovered") and results[m].get("meta_test"):
+            results[m]["recovered"] = gain_recovered(results[m]["meta_test"], results[m].get("baselines") or {})
     for m in methods:
         notes += [f"{m}: {n}" for n in results[m].get("notes") or []
-                  if n not in shared["notes"] and n != evaluate.pointer]
+                  if n not in shared["notes"]]
 
     comparison = {"scenario": ref.scenario, "profile": ref.profile, "seed": ref.seed, "methods": methods,
                   "runs": {m: _run_row(results[m], plan[m]) for m in methods},
@@ -236,3 +247,105 @@ def run_comparison(cfgs: list[ExperimentConfig], out_dir: str | Path | None = No
         comparison["meta_test_domains"] = domains
     write_comparison(out, comparison)
     return comparison
+
+
+# ----------------------------------------------------------------------------- the comparison table
+# A comparison (raydfml.compare) is one dict: {"scenario", "profile", "seed", "methods": [names],
+# "runs": {method: {"meta_test", "meta_updates", "wall_s", "run_dir", ...}}, "baselines": {name:
+# records}, "baseline_info": {name: {"meta_updates", "wall_s"}}, "notes": [...], "wall_s"}; scenario md
+# adds "meta_test_domains": {domain: {row: records}} (the headline records are the mean over domains).
+COMPARISON_FILES = ("comparison.md", "comparison.csv", "comparison.json")
+
+
+def _comparison_rows(comparison: Mapping) -> list[tuple[str, str, Any, dict]]:
+    """``(name, kind, records, info)`` per row: each method in order, then each baseline."""
+    runs = comparison.get("runs") or {}
+    rows = [(m, "method", (runs.get(m) or {}).get("meta_test"), runs.get(m) or {}) for m in comparison["methods"]]
+    info = comparison.get("baseline_info") or {}
+    for name, recs in (comparison.get("baselines") or {}).items():
+        rows.append((str(name), "baseline", recs, info.get(name) or {}))
+    return rows
+
+
+def _fmt(value: Any, spec: str) -> str:
+    if value is None:
+        return "–"
+    return format(int(value) if spec == "d" else float(value), spec)
+
+
+def comparison_table(comparison: Mapping) -> pd.DataFrame:
+    """One table for several methods on one pool: rows = each method then each baseline, columns the
+    settings of :func:`results_table` plus ``meta-updates`` and ``wall (s)`` ("–" where a row has none:
+    random_init and teacher_average are not trained)."""
+    rows = _comparison_rows(comparison)
+    df = models_table([(name, recs) for name, _, recs, _ in rows])
+    df["meta-updates"] = [_fmt(info.get("meta_updates"), "d") for _, _, _, info in rows]
+    df["wall (s)"] = [_fmt(info.get("wall_s"), ".0f") for _, _, _, info in rows]
+    df["recovered"] = [_recovered_cell(info.get("recovered")) for _, _, _, info in rows]
+    return df
+
+
+def _recovered_cell(recovered: Mapping | None) -> str:
+    """``"31% / 30%"``: the share of with_data's gain over random_init, per shot (same meta-updates)."""
+    shares = (recovered or {}).get("with_data") or {}
+    return " / ".join(f"{100 * float(shares[k]):.0f}%" for k in sorted(shares, key=int)) or "–"
+
+
+def _comparison_domain_rows(comparison: Mapping) -> dict[str, list[tuple[str, str, Any, dict]]]:
+    """Scenario md: :func:`_comparison_rows` of each domain's own meta-test; ``{}`` without domains."""
+    rows = _comparison_rows(comparison)
+    return {str(ds): [(name, kind, (per_model or {}).get(name), info) for name, kind, _, info in rows]
+            for ds, per_model in (comparison.get("meta_test_domains") or {}).items()}
+
+
+def comparison_long(comparison: Mapping) -> pd.DataFrame:
+    """Numeric long table of a comparison: one row per (model, way, shot), with the row's kind
+    (method | baseline), tasks, accuracy, ci95, meta_updates and wall_s; ``domain`` is empty for the
+    headline records and names the domain for scenario md's per-domain records."""
+    out = []
+    for domain, rows in {"": _comparison_rows(comparison), **_comparison_domain_rows(comparison)}.items():
+        for name, kind, recs, info in rows:
+            for r in _records(recs) or []:
+                out.append({"model": name, "kind": kind, "domain": domain, "way": int(r["way"]),
+                            "shot": int(r["shot"]), "tasks": int(r.get("tasks", 0)), "accuracy": float(r["accuracy"]),
+                            "ci95": float(r["ci95"]), "meta_updates": info.get("meta_updates"),
+                            "wall_s": info.get("wall_s")})
+    return pd.DataFrame(out, columns=["model", "kind", "domain", "way", "shot", "tasks", "accuracy", "ci95",
+                                      "meta_updates", "wall_s"])
+
+
+def _comparison_markdown(comparison: Mapping) -> str:
+    title = " · ".join(str(comparison[k]) for k in ("scenario", "profile") if k in comparison)
+    recs = [r for _, _, recs, _ in _comparison_rows(comparison) for r in _records(recs) or []]
+    tasks = sorted({int(r.get("tasks", 0)) for r in recs})
+    lines = [f"# Comparison: {title} (seed {comparison.get('seed', '?')})", "",
+             format_markdown(comparison_table(comparison)), "",
+             "Mean query accuracy (%) ± 95% CI (1.96·std/√n, sample std) over "
+             + (", ".join(map(str, tasks)) or "?") + " fixed, seeded meta-test tasks; every row is scored on the "
+             "same tasks, with the same teacher pool and data. Wall time of a method: its training and meta-test. "
+             "recovered: the method's gain over random_init as a share of with_data's, per setting, with-data "
+             "trained for the method's own number of meta-updates (comparison.json also has it against "
+             "with_data_pool, the classes the pool covers).", ""]
+    lines += [f"- {note}" for note in comparison.get("notes") or []]
+    if "wall_s" in comparison:
+        lines.append(f"- Total wall time: {float(comparison['wall_s']):.1f} s.")
+    per_domain = _comparison_domain_rows(comparison)
+    if per_domain:
+        lines.append(f"- Scenario md: the table is the mean over the {len(per_domain)} domains below.")
+    for domain, rows in per_domain.items():
+        lines += ["", f"## {domain} (its meta_test split)", "",
+                  format_markdown(models_table([(name, recs) for name, _, recs, _ in rows]))]
+    return "\n".join(lines) + "\n"
+
+
+def write_comparison(out_dir: str | os.PathLike, comparison: Mapping) -> None:
+    """``comparison.md``, ``comparison.csv``, then ``comparison.json`` (last, atomically: its presence
+    means the comparison completed) in ``out_dir``."""
+    out_dir = Path(out_dir)
+    comparison = _jsonable(dict(comparison))
+    _write_text(out_dir / "comparison.md", _comparison_markdown(comparison))
+    with atomic_path(out_dir / "comparison.csv") as tmp:
+        comparison_long(comparison).to_csv(tmp, index=False)
+    _write_text(out_dir / "comparison.json", json.dumps(comparison, indent=2, allow_nan=False) + "\n")
+
+

@@ -105,7 +105,7 @@ class TrainConfig:
     test_shots: tuple[int, ...] = (1, 5)
     way: int = 5
     query: int = 15
-    baselines: tuple[str, ...] = ("random_init", "teacher_average", "with_data")
+    baselines: tuple[str, ...] = ("random_init", "teacher_average", "with_data", "with_data_pool")
     checkpoint_every: int = 1
 
 

@@ -13,6 +13,7 @@ from typing import Callable
 
 from .config import ExperimentConfig
 from .data.layout import ensure_dataset
+from .diagnostics import class_coverage, gain_recovered
 from .errors import UserError
 from .runtime.driver import CHECKPOINT, train
 from .runtime.pool import existing_pool, pool_datasets, prepare_pool
@@ -73,6 +74,9 @@ def run_method(cfg: ExperimentConfig, run_dir: Path, entries, resume: bool = Fal
                         on_round_end=reporter)
         results = evaluate(cfg, trained, entries, progress=progress)
         results.update(run_summary(cfg, trained, t_start, run_dir))
+        results["coverage"] = class_coverage(cfg, entries)
+        if results.get("meta_test"):
+            results["recovered"] = gain_recovered(results["meta_test"], results.get("baselines") or {})
         report.finish(results)
     finally:
         report.close()

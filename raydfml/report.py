@@ -33,7 +33,7 @@ from .errors import UserError
 from .utils import atomic_path
 
 __all__ = ["RunReport", "results_table", "results_long", "format_markdown", "REQUIRED_RESULT_KEYS",
-           "models_table", "comparison_table", "comparison_long", "write_comparison"]
+           "models_table", "domain_tables"]
 
 REQUIRED_RESULT_KEYS = ("scenario", "method", "profile", "seed", "wall_s", "meta_test")
 METRICS_FILE, RESULTS_FILE = "metrics.csv", "results.json"
@@ -196,99 +196,22 @@ def _results_markdown(results: Mapping) -> str:
         for domain, table in tables.items():
             lines += ["", f"## {domain} (its meta_test split)", "", format_markdown(table)]
         lines.append("")
+    lines += _diagnostic_lines(results)
     if "wall_s" in results:
         lines.append(f"Wall time: {float(results['wall_s']):.1f} s.")
     return "\n".join(lines) + "\n"
 
 
-# ----------------------------------------------------------------------------- comparisons
-# A comparison (raydfml.compare) is one dict: {"scenario", "profile", "seed", "methods": [names],
-# "runs": {method: {"meta_test", "meta_updates", "wall_s", "run_dir", ...}}, "baselines": {name:
-# records}, "baseline_info": {name: {"meta_updates", "wall_s"}}, "notes": [...], "wall_s"}; scenario md
-# adds "meta_test_domains": {domain: {row: records}} (the headline records are the mean over domains).
-COMPARISON_FILES = ("comparison.md", "comparison.csv", "comparison.json")
+def _diagnostic_lines(results: Mapping) -> list[str]:
+    """The yardstick (share of the with-data gain recovered) and the pool's class coverage."""
+    from .diagnostics import coverage_line, recovered_line
 
-
-def _comparison_rows(comparison: Mapping) -> list[tuple[str, str, Any, dict]]:
-    """``(name, kind, records, info)`` per row: each method in order, then each baseline."""
-    runs = comparison.get("runs") or {}
-    rows = [(m, "method", (runs.get(m) or {}).get("meta_test"), runs.get(m) or {}) for m in comparison["methods"]]
-    info = comparison.get("baseline_info") or {}
-    for name, recs in (comparison.get("baselines") or {}).items():
-        rows.append((str(name), "baseline", recs, info.get(name) or {}))
-    return rows
-
-
-def _fmt(value: Any, spec: str) -> str:
-    if value is None:
-        return "–"
-    return format(int(value) if spec == "d" else float(value), spec)
-
-
-def comparison_table(comparison: Mapping) -> pd.DataFrame:
-    """One table for several methods on one pool: rows = each method then each baseline, columns the
-    settings of :func:`results_table` plus ``meta-updates`` and ``wall (s)`` ("–" where a row has none:
-    random_init and teacher_average are not trained)."""
-    rows = _comparison_rows(comparison)
-    df = models_table([(name, recs) for name, _, recs, _ in rows])
-    df["meta-updates"] = [_fmt(info.get("meta_updates"), "d") for _, _, _, info in rows]
-    df["wall (s)"] = [_fmt(info.get("wall_s"), ".0f") for _, _, _, info in rows]
-    return df
-
-
-def _comparison_domain_rows(comparison: Mapping) -> dict[str, list[tuple[str, str, Any, dict]]]:
-    """Scenario md: :func:`_comparison_rows` of each domain's own meta-test; ``{}`` without domains."""
-    rows = _comparison_rows(comparison)
-    return {str(ds): [(name, kind, (per_model or {}).get(name), info) for name, kind, _, info in rows]
-            for ds, per_model in (comparison.get("meta_test_domains") or {}).items()}
-
-
-def comparison_long(comparison: Mapping) -> pd.DataFrame:
-    """Numeric long table of a comparison: one row per (model, way, shot), with the row's kind
-    (method | baseline), tasks, accuracy, ci95, meta_updates and wall_s; ``domain`` is empty for the
-    headline records and names the domain for scenario md's per-domain records."""
-    out = []
-    for domain, rows in {"": _comparison_rows(comparison), **_comparison_domain_rows(comparison)}.items():
-        for name, kind, recs, info in rows:
-            for r in _records(recs) or []:
-                out.append({"model": name, "kind": kind, "domain": domain, "way": int(r["way"]),
-                            "shot": int(r["shot"]), "tasks": int(r.get("tasks", 0)), "accuracy": float(r["accuracy"]),
-                            "ci95": float(r["ci95"]), "meta_updates": info.get("meta_updates"),
-                            "wall_s": info.get("wall_s")})
-    return pd.DataFrame(out, columns=["model", "kind", "domain", "way", "shot", "tasks", "accuracy", "ci95",
-                                      "meta_updates", "wall_s"])
-
-
-def _comparison_markdown(comparison: Mapping) -> str:
-    title = " · ".join(str(comparison[k]) for k in ("scenario", "profile") if k in comparison)
-    recs = [r for _, _, recs, _ in _comparison_rows(comparison) for r in _records(recs) or []]
-    tasks = sorted({int(r.get("tasks", 0)) for r in recs})
-    lines = [f"# Comparison: {title} (seed {comparison.get('seed', '?')})", "",
-             format_markdown(comparison_table(comparison)), "",
-             "Mean query accuracy (%) ± 95% CI (1.96·std/√n, sample std) over "
-             + (", ".join(map(str, tasks)) or "?") + " fixed, seeded meta-test tasks; every row is scored on the "
-             "same tasks, with the same teacher pool and data. Wall time of a method: its training and meta-test.", ""]
-    lines += [f"- {note}" for note in comparison.get("notes") or []]
-    if "wall_s" in comparison:
-        lines.append(f"- Total wall time: {float(comparison['wall_s']):.1f} s.")
-    per_domain = _comparison_domain_rows(comparison)
-    if per_domain:
-        lines.append(f"- Scenario md: the table is the mean over the {len(per_domain)} domains below.")
-    for domain, rows in per_domain.items():
-        lines += ["", f"## {domain} (its meta_test split)", "",
-                  format_markdown(models_table([(name, recs) for name, _, recs, _ in rows]))]
-    return "\n".join(lines) + "\n"
-
-
-def write_comparison(out_dir: str | os.PathLike, comparison: Mapping) -> None:
-    """``comparison.md``, ``comparison.csv``, then ``comparison.json`` (last, atomically: its presence
-    means the comparison completed) in ``out_dir``."""
-    out_dir = Path(out_dir)
-    comparison = _jsonable(dict(comparison))
-    _write_text(out_dir / "comparison.md", _comparison_markdown(comparison))
-    with atomic_path(out_dir / "comparison.csv") as tmp:
-        comparison_long(comparison).to_csv(tmp, index=False)
-    _write_text(out_dir / "comparison.json", json.dumps(comparison, indent=2, allow_nan=False) + "\n")
+    lines = []
+    if results.get("recovered"):
+        lines += ["", recovered_line(results["recovered"]) + " (with-data trained for the same meta-updates)."]
+    if results.get("coverage"):
+        lines += ["", coverage_line(results["coverage"]) + "."]
+    return lines + ([""] if lines else [])
 
 
 # ----------------------------------------------------------------------------- the run directory

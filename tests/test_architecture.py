@@ -17,9 +17,9 @@ LAYERS = [
     {"methods"},
     {"plugins", "config"},
     {"runtime"},
-    {"baselines", "report"},
+    {"baselines", "report", "diagnostics"},
     {"experiment"},
-    {"compare", "tune"},
+    {"compare", "tune", "seeds"},
     {"cli"},
 ]
 

@@ -111,3 +111,14 @@ def test_results_md_has_a_table_per_domain(md_results, tmp_path):
     assert list(csv["domain"].unique()) == ["", *DOMAINS]          # the mean first, then each domain
     row = csv[(csv["domain"] == DOMAINS[1]) & (csv["model"] == "random_init") & (csv["shot"] == rec["shot"])]
     assert len(row) == 1 and row["accuracy"].item() == pytest.approx(rec["accuracy"])
+
+
+def test_with_data_pool_draws_only_the_pools_classes_and_leaves_out_uncovered_domains(md_root):
+    """with_data_pool's episodes use only the classes the pool covers, per domain; a domain whose pool
+    covers fewer than train.way classes is left out of the round robin."""
+    cfg = _cfg(md_root)
+    covered = {DOMAINS[0]: [0, 2, 3, 5, 6, 7], DOMAINS[1]: [1, 2]}
+    eps = list(islice(with_data_episodes(cfg, covered), 8))
+    assert {d for d, _, _ in eps} == {DOMAINS[0]}
+    assert {int(c) for _, _, ep in eps for c in ep.classes} <= set(covered[DOMAINS[0]])
+    assert len({int(c) for _, _, ep in eps for c in ep.classes}) > cfg.train.way     # not one fixed task

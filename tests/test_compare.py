@@ -76,11 +76,11 @@ def compared(data_root, tmp_path_factory):
 
 def test_one_table_with_every_method_then_every_baseline(compared):
     assert compared.rc == 0
-    rows = ["deepinv", "purer", "random_init", "teacher_average", "with_data"]
+    rows = ["deepinv", "purer", "random_init", "teacher_average", "with_data", "with_data_pool"]
     lines = compared.stdout.splitlines()
     headers = [i for i, ln in enumerate(lines) if "5-way 1-shot" in ln]
     assert len(headers) == 1, compared.stdout                      # one table, not one per method
-    assert all(c in lines[headers[0]] for c in ("5-way 5-shot", "meta-updates", "wall (s)"))
+    assert all(c in lines[headers[0]] for c in ("5-way 5-shot", "meta-updates", "wall (s)", "recovered"))
     table = lines[headers[0] + 2: headers[0] + 2 + len(rows)]      # header, index-name line, rows
     assert [ln.split()[0] for ln in table] == rows
     assert all("±" in ln for ln in table)
@@ -90,9 +90,14 @@ def test_one_table_with_every_method_then_every_baseline(compared):
     updates = {m: comp["runs"][m]["meta_updates"] for m in METHODS}
     assert all(u > 0 for u in updates.values())
     assert comp["baseline_info"]["with_data"]["meta_updates"] == max(updates.values())
-    assert any("largest number of meta-updates" in n for n in comp["notes"])
+    assert any("for its own number of meta-updates" in n for n in comp["notes"])
     md = (compared.out / "comparison.md").read_text()
-    assert all(f"| {r}" in md for r in rows) and "largest number of meta-updates" in md
+    assert all(f"| {r}" in md for r in rows) and "for its own number of meta-updates" in md
+    from raydfml.diagnostics import gain_recovered
+
+    for m in METHODS:      # the yardstick: each method's share of its own with-data references' gain
+        res = json.loads((compared.out / m / "results.json").read_text())
+        assert comp["runs"][m]["recovered"] == gain_recovered(res["meta_test"], res["baselines"])
     csv = pd.read_csv(compared.out / "comparison.csv")
     assert csv["model"].drop_duplicates().tolist() == rows
     assert csv.groupby("model").size().eq(2).all()                 # 1-shot and 5-shot per row
@@ -100,17 +105,19 @@ def test_one_table_with_every_method_then_every_baseline(compared):
 
 
 def test_methods_and_baselines_are_scored_on_the_same_tasks(compared):
-    # random_init and teacher_average are evaluated once; with_data trained once, for the most updates
+    # random_init and teacher_average are evaluated once; with_data(_pool) in each method's own run, for
+    # its own number of meta-updates
     calls = compared.finals
     assert [c["method"] for c in calls if c["method"]] == METHODS
     assert sum("random_init" in c["baselines"] for c in calls) == 1
     assert sum("teacher_average" in c["baselines"] for c in calls) == 1
     with_data = [c for c in calls if "with_data" in c["baselines"]]
-    assert len(with_data) == 1
-    assert with_data[0]["with_data_updates"] == max(r["meta_updates"] for r in compared.json["runs"].values())
-    # every meta-test cell (2 methods + 3 baselines) x (1, 5 shots) drew the same tasks per shot
+    assert [c["method"] for c in with_data] == METHODS
+    assert all({"with_data", "with_data_pool"} <= set(c["baselines"]) for c in with_data)
+    # every meta-test cell (2 methods + 2 shared baselines + 2 x 2 with-data) x (1, 5 shots) drew the same
+    # tasks per shot
     meta_test = [t for t in compared.task_sets if t[1] == "meta_test"]     # (meta-val also calls evaluate)
-    assert len(meta_test) == 5 * 2
+    assert len(meta_test) == 8 * 2
     by_shot = {}
     for t in meta_test:
         by_shot.setdefault(t[4], set()).add(t)
@@ -129,9 +136,11 @@ def test_each_method_writes_its_own_complete_run_directory(compared):
         assert res["method"] == m and res["run_dir"] == str(run.resolve())
         assert res["meta_test"] == comp["runs"][m]["meta_test"]
         assert res["meta_updates"] == comp["runs"][m]["meta_updates"]
-        # the shared baselines are copied in; with_data lives in the comparison only
-        assert res["baselines"] == {k: comp["baselines"][k] for k in ("random_init", "teacher_average")}
-        assert any("comparison.md" in n for n in res["notes"])
+        # the shared baselines are copied in; with_data(_pool) are the method's own (its meta-updates)
+        shared = {k: comp["baselines"][k] for k in ("random_init", "teacher_average")}
+        assert {k: res["baselines"][k] for k in shared} == shared
+        assert set(res["baselines"]) == {*shared, "with_data", "with_data_pool"}
+        assert res["recovered"] == comp["runs"][m]["recovered"]
         assert json.loads((run / "config.json").read_text())["method"] == m
         assert pd.read_csv(run / "metrics.csv")["round"].tolist() == [0, 1]
         assert (run / "checkpoints" / "last.pt").is_file() and (run / "results.md").is_file()
@@ -149,7 +158,7 @@ def test_resume_reads_finished_methods_back_and_continues_the_unfinished(compare
     assert "[1/2] deepinv: finished earlier" in run.stdout and "[2/2] purer: resuming" in run.stdout
     assert "resuming from the checkpoint of round 1" in run.stdout
     assert (out / "deepinv" / "results.json").read_bytes() == deepinv_before
-    # only purer's meta-test and with_data ran again: the shared baselines were read back
+    # only purer's meta-test and its with-data references ran again: the shared baselines were read back
     assert [c["method"] for c in run.finals if c["method"]] == ["purer"]
     assert not any("random_init" in c["baselines"] for c in run.finals)
     comp = json.loads((out / "comparison.json").read_text())
@@ -203,7 +212,7 @@ def test_bad_method_list_gives_one_line_exit_2_and_writes_nothing(data_root, tmp
 
 def test_comparison_files_carry_per_domain_tables(tmp_path):
     """Scenario md: the headline rows are the mean over domains, each domain gets its own table."""
-    from raydfml.report import comparison_long, comparison_table, write_comparison
+    from raydfml.compare import comparison_long, comparison_table, write_comparison
 
     def recs(acc):
         return [{"way": 5, "shot": s, "tasks": 6, "accuracy": acc + s, "ci95": 1.0} for s in (1, 5)]

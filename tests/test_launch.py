@@ -38,7 +38,13 @@ def test_smoke_run_on_ray_writes_a_complete_run_directory(smoke_root, ray_sessio
     saved = json.loads((run / "results.json").read_text())
     assert saved["scenario"] == "mr" and saved["method"] == "deepinv" and saved["profile"] == "smoke"
     assert {(r["way"], r["shot"]) for r in saved["meta_test"]} == {(5, 1), (5, 5)}
-    assert set(saved["baselines"]) == {"random_init", "teacher_average", "with_data"}
+    assert set(saved["baselines"]) == {"random_init", "teacher_average", "with_data", "with_data_pool"}
+    from raydfml.diagnostics import gain_recovered
+
+    assert saved["recovered"] == gain_recovered(saved["meta_test"], saved["baselines"])   # the yardstick
+    ds = saved["coverage"]["glyphs-smoke"]
+    assert 0 < ds["covered"] <= ds["classes"] == 10                   # the smoke set's meta-train classes
+    assert "pool coverage" in (run / "results.md").read_text()
     for rec in saved["meta_test"] + [r for recs in saved["baselines"].values() for r in recs]:
         assert rec["tasks"] == cfg.train.test_tasks and 0 <= rec["accuracy"] <= 100 and rec["ci95"] >= 0
     metrics = pd.read_csv(run / "metrics.csv")

@@ -45,12 +45,22 @@ class EpisodeSampler:
     use :meth:`episodes` for a finite one.
     """
 
-    def __init__(self, split: ImageSplit, way: int = 5, shot: int = 1, query: int = 15, seed: int = 0):
+    def __init__(self, split: ImageSplit, way: int = 5, shot: int = 1, query: int = 15, seed: int = 0,
+                 classes: "list[int] | None" = None):
         if way < 1 or shot < 1 or query < 0:
             raise UserError(f"episodes need way >= 1, shot >= 1 and query >= 0, got way={way} shot={shot} query={query}")
         where = f"{split.spec.name}/{split.split}"
-        if way > split.num_classes:
-            raise UserError(f"{way}-way episodes need {way} classes but {where} has {split.num_classes}")
+        # ``classes``: draw only from these class ids of the split (the with-data reference restricted to
+        # the classes a teacher pool covers); None: every class.
+        self.classes = None if classes is None else np.asarray(sorted({int(c) for c in classes}), dtype=np.int64)
+        if self.classes is not None and (len(self.classes) == 0 or self.classes.min() < 0
+                                         or self.classes.max() >= split.num_classes):
+            raise UserError(f"episodes from {where}: class ids {list(classes)[:8]} are not among its "
+                            f"{split.num_classes} classes")
+        available = split.num_classes if self.classes is None else len(self.classes)
+        if way > available:
+            raise UserError(f"{way}-way episodes need {way} classes but {where} has {available}"
+                            + (" of the requested ones" if self.classes is not None else ""))
         need = shot + query
         counts = split.class_counts()
         short = np.flatnonzero(counts < need)
@@ -64,7 +74,10 @@ class EpisodeSampler:
     def indices(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Split rows of episode ``index``: ``classes [way]``, ``support [way, shot]``, ``query [way, query]``."""
         rng = np.random.default_rng([self.seed, index])
-        classes = rng.choice(self.split.num_classes, size=self.way, replace=False)
+        if self.classes is None:
+            classes = rng.choice(self.split.num_classes, size=self.way, replace=False)
+        else:
+            classes = self.classes[rng.choice(len(self.classes), size=self.way, replace=False)]
         rows = np.stack([
             (idx := self.split.indices_of(int(c)))[rng.choice(len(idx), size=self.shot + self.query, replace=False)]
             for c in classes])

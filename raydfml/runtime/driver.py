@@ -175,3 +175,4 @@ def _synthesis_metrics(summaries: list[TeacherRecord], metrics: dict) -> None:
     metrics["synth/passes"] = float(sum(r.passes for r in summaries))
     for arch in sorted({r.arch for r in summaries}):
         metrics[f"teachers/{arch}"] = float(sum(r.arch == arch for r in summaries))
+        metrics[f"synth/teacher_acc/{arch}"] = float(np.mean([r.teacher_acc for r in summaries if r.arch == arch]))

@@ -118,7 +118,7 @@ class MetaLearner:
         """The records' recovered images into the task memory bank, in teacher order."""
         for r in merge(parts):
             self.bank.add(torch.from_numpy(np.asarray(r.images)), torch.from_numpy(np.asarray(r.labels)),
-                          tuple(r.classes))
+                          tuple(r.classes), agree=None if r.agree is None else torch.from_numpy(np.asarray(r.agree)))
 
     def aggregate(self, *parts) -> dict:
         """One meta-update from the records' per-teacher contributions with the configured rule."""
@@ -178,7 +178,7 @@ class MetaLearner:
         return {"replay/loss": float(np.mean(losses)) if losses else float("nan"),
                 "replay/acc": float(np.mean(accs)) if accs else float("nan"),
                 "time/replay_s": time.perf_counter() - t0, "bank/images": len(self.bank),
-                "bank/classes": len(self.bank.classes)}
+                "bank/classes": len(self.bank.classes), "bank/disputed": self.bank.disputed_share()}
 
     # --- meta-validation / model selection ----------------------------------------------------
 

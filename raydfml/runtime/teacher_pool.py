@@ -107,10 +107,24 @@ class TeacherPool:
         return self.synthesizer.synthesize(self.teacher(tid), self.classes_of(tid), spec.mean, spec.std, seed=seed)
 
     def record(self, tid: int, rec) -> TeacherRecord:
-        """A ``TeacherRecord`` of a recovery (``synthesis.base.Recovered``)."""
+        """A ``TeacherRecord`` of a recovery (``synthesis.base.Recovered``), with whether the teacher
+        agrees with each image's label on exactly the stored (float16, clamped) image."""
         return TeacherRecord(teacher=tid, arch=self.arch_of(tid), classes=tuple(rec.classes),
                              images=rec.images.cpu().numpy(), labels=rec.labels.cpu().numpy(),
+                             agree=self.agreement(tid, rec.images, rec.labels),
                              teacher_acc=rec.teacher_acc, inv_loss=rec.loss, passes=rec.passes, seconds=rec.seconds)
+
+    def agreement(self, tid: int, images01, labels, batch: int = 256) -> np.ndarray:
+        """Per image, whether teacher ``tid`` predicts its label (eval mode, no gradient)."""
+        spec = self.spec_of(tid)
+        norm = make_normalizer(spec.mean, spec.std, self.device)
+        x, y = torch.as_tensor(images01), torch.as_tensor(labels)
+        out = []
+        with torch.no_grad():
+            for i in range(0, len(x), batch):
+                pred = self.teacher(tid)(norm(x[i:i + batch].to(self.device, torch.float32))).argmax(1).cpu()
+                out.append(pred == y[i:i + batch])
+        return torch.cat(out).numpy() if out else np.zeros(0, dtype=bool)
 
     # --- the teacher's contribution to the meta-update --------------------------------------------
     def teacher_task(self, tid: int, images01, labels, seed: int):

@@ -73,3 +73,17 @@ def test_way_larger_than_classes():
 def test_episode_to_device():
     ep = EpisodeSampler(make_split(), way=2, shot=1, query=1).episode(0).to("cpu")
     assert ep.way == 2 and ep.support.device.type == "cpu"
+
+
+def test_a_class_subset_restricts_every_episode_and_leaves_the_default_stream_unchanged():
+    split = make_split()
+    full, sub = EpisodeSampler(split, way=3, shot=1, query=2, seed=5), \
+        EpisodeSampler(split, way=3, shot=1, query=2, seed=5, classes=[4, 1, 2, 1])
+    assert EpisodeSampler(split, way=3, shot=1, query=2, seed=5, classes=None).indices(7)[0].tolist() == \
+        full.indices(7)[0].tolist()
+    drawn = {int(c) for i in range(40) for c in sub.episode(i).classes}
+    assert drawn == {1, 2, 4}
+    with pytest.raises(UserError, match="of the requested ones"):
+        EpisodeSampler(split, way=3, shot=1, query=2, classes=[0, 1])
+    with pytest.raises(UserError, match="not among"):
+        EpisodeSampler(split, way=3, shot=1, query=2, classes=[0, 1, 99])

@@ -50,3 +50,23 @@ def test_too_few_classes_gives_none_and_state_round_trips():
     a = bank.sample_task(2, 1, 1, np.random.default_rng(1))
     b = other.sample_task(2, 1, 1, np.random.default_rng(1))
     assert torch.equal(a[0], b[0]) and a[4] == b[4]
+
+
+def test_the_bank_keeps_each_images_teacher_agreement_through_the_ring_and_checkpoints():
+    """``disputed_share`` is the share of banked images whose teacher disputes their label; it follows
+    the images when the ring overwrites them and survives a state_dict round trip."""
+    bank = TaskMemoryBank(per_class=4)
+    bank.add(_images(4, 0.5), torch.tensor([0, 0, 1, 1]), classes=(3, 9),
+             agree=torch.tensor([True, False, False, False]))
+    assert bank.disputed_share() == 0.75
+    bank.add(_images(2, 0.6), torch.tensor([0, 0]), classes=(9,), agree=torch.tensor([True, True]))
+    assert bank.count(9) == 4 and bank.disputed_share() == 3 / 6
+    for _ in range(2):                                   # class 9's two disputed images are overwritten
+        bank.add(_images(1, 0.7), torch.tensor([0]), classes=(9,), agree=torch.tensor([True]))
+    assert bank.count(9) == 4 and bank.disputed_share() == 1 / 6
+    restored = TaskMemoryBank(per_class=4)
+    restored.load_state_dict(bank.state_dict())
+    assert restored.disputed_share() == bank.disputed_share()
+    unknown = TaskMemoryBank(per_class=4)
+    unknown.add(_images(2, 0.1), torch.tensor([0, 0]), classes=(1,))
+    assert np.isnan(unknown.disputed_share())
