@@ -45,6 +45,7 @@ class PoolConfig:
     width: float = 1.0                 # channel multiplier for ResNet teachers (CPU profiles narrow them)
     optimizer: str = "seeds"            # teacher training: seeds (ResNets SGD) | adam (all Adam; CPU profiles)
     zoo_dir: str | None = None          # None: <data_root>/zoo/<derived name>
+    arch_plans: str = "distinct"        # distinct: each architecture's zoo gets its own class subsets | shared
     seed: int = 0
 
 
@@ -60,7 +61,7 @@ class SynthConfig:
     lr_latent: float = 1e-3
     bn_weight: float = 1.0
     ce_weight: float = 1.0
-    augment: str = "crop_flip"          # augmentation applied inside the inversion loop
+    augment: str = "auto"               # inside inversion; auto: crop_flip, or crop where mirror images change class
     nz: int = 256                       # generator latent size (the seeds' value)
     ngf: int = 64                       # generator width; its convs dominate CPU cost (~ngf^2)
 
@@ -89,15 +90,18 @@ class LearnerConfig:
     kd_weight: float = 1.0
     ce_weight: float = 1.0
     temperature: float = 1.0
+    distill_via: str = "learner"        # learner (ProtoNet: its prototypes) | head (the linear head, as before)
+    joint_bn: bool = False              # ProtoNet: support and query share BN batch statistics
 
 
 @dataclass
 class TrainConfig:
     rounds: int = 20
     teachers_per_round: int = 4
-    kd_steps: int = 1                   # meta-updates from the round's per-teacher distillation gradients
+    kd_steps: int = 1                   # 1: one meta-update per round from the teachers' contributions; 0: none
     replay_batches: int = 10            # meta-batches of bank replay per round
     bank_per_class: int = 200           # ring size per global class in the task memory bank
+    bank_filter: str = "none"           # none | agree (bank only images the teacher labels as intended) | relabel
     augment: str = "colour"             # augmentation of bank images when the learner uses them (a named prior)
     eval_every: int = 5
     val_tasks: int = 100
@@ -401,8 +405,19 @@ def resolve(scenario: str = "mr", method: str | None = "deepinv", profile: str =
     apply_overrides(cfg, merged)
     if cfg.data.domains:
         cfg.data.dataset = cfg.data.domains[0]
+    if cfg.synth.augment == "auto":
+        cfg.synth.augment = auto_augment(cfg)
     validate(cfg)
     return cfg
+
+
+def auto_augment(cfg: ExperimentConfig) -> str:
+    """``synth.augment=auto``: FREE/TGR's crop + horizontal flip, without the flip when a flipped image
+    of some pool dataset is another class (the glyph letters)."""
+    from .data.registry import get_spec
+
+    datasets = cfg.data.domains or (cfg.data.dataset,)
+    return "crop_flip" if all(get_spec(d).mirror for d in datasets) else "crop"
 
 
 def compatible(scenario: str, method: str) -> bool:
@@ -435,6 +450,18 @@ def validate(cfg: ExperimentConfig) -> None:
         get_spec(d)
     if cfg.runtime.workers < 0:
         raise UserError(f"--workers {cfg.runtime.workers}: must be 0 (in-process) or more")
+    from .data.augment import check_augment
+
+    if cfg.train.kd_steps not in (0, 1):
+        raise UserError(f"config train.kd_steps={cfg.train.kd_steps}: 0 (no per-teacher step) or 1; more "
+                        "meta-updates per round come from replay (train.replay_batches)")
+
+    check_augment(cfg.synth.augment)
+    check_augment(cfg.train.augment)
+    if cfg.train.bank_filter not in ("none", "agree", "relabel"):
+        raise UserError(f"config train.bank_filter={cfg.train.bank_filter!r}: choose none, agree or relabel")
+    if cfg.pool.arch_plans not in ("distinct", "shared"):
+        raise UserError(f"config pool.arch_plans={cfg.pool.arch_plans!r}: choose distinct or shared")
     if hasattr(rule, "validate"):
         rule.validate(cfg)
     method_registry().get(cfg.method, option="--method").validate(cfg)

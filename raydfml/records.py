@@ -52,7 +52,7 @@ class TeacherRecord:
     classes: tuple[int, ...] = ()              # global class ids; label j <-> classes[j]
     images: np.ndarray | None = None           # float16 [n, 3, S, S] in [0, 1]
     labels: np.ndarray | None = None           # int64, relative 0..way-1
-    agree: np.ndarray | None = None            # bool per image: the teacher predicts the image's label
+    predicted: np.ndarray | None = None        # int64 per image: the teacher's own label for it (argmax)
     teacher_acc: float = math.nan              # the teacher's accuracy on its recovered images
     inv_loss: float = math.nan                 # the recovery's final inversion loss
     passes: int = 0                            # teacher forward+backward passes spent
@@ -64,7 +64,7 @@ class TeacherRecord:
     state_grad: np.ndarray | None = None       # flat gradient for the central synthesizer state
     embedding: np.ndarray | None = None        # TGR: the teacher's task embedding
 
-    _ARRAYS = ("images", "labels", "agree", "grad", "task", "state_grad", "embedding")
+    _ARRAYS = ("images", "labels", "predicted", "grad", "task", "state_grad", "embedding")
 
     def summary(self) -> "TeacherRecord":
         """This record without its arrays (what the driver needs to plan and log)."""

@@ -25,7 +25,6 @@ import torch
 from torch import Tensor
 
 from ..errors import UserError
-from ..learners.base import whole_task
 from .registry import Rule, register_rule
 
 FREE_SCALE = 67.0
@@ -59,9 +58,8 @@ def reptile_alignment(learner, params: Mapping[str, Tensor], teacher_tasks: Sequ
     losses = []
     with torch.enable_grad():
         for task in teacher_tasks:
-            x, y, t = whole_task(task)
             for _ in range(steps_per_task):
-                loss = learner.task_loss_fn(learner.forward(fast, x), y, t)
+                loss = learner.task_loss(fast, task)
                 grads = torch.autograd.grad(loss, leaves, allow_unused=True)
                 for p, g in zip(leaves, grads):
                     p.grad = g          # None for an unused parameter: the optimiser skips it

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from ..errors import UserError
-from ..learners.base import Params, whole_task
+from ..learners.base import Params
 from .registry import Rule, mean_of, register_rule
 
 LossFn = Callable[[Mapping[str, Tensor]], Tensor]
@@ -110,10 +110,7 @@ def igr_exact(loss_fns: Sequence[LossFn], params: Mapping[str, Tensor], eta: flo
 def task_losses(learner, tasks: Sequence) -> list[LossFn]:
     """``L_i(p) = learner.task_loss_fn(learner.forward(p, x_i), y_i, t_i)`` on each task's support and
     query together (all of a teacher's recovered images, as TGR), with its teacher logits when given."""
-    def make(task) -> LossFn:
-        x, y, t = whole_task(task)
-        return lambda p: learner.task_loss_fn(learner.forward(p, x), y, t)
-    return [make(t) for t in tasks]
+    return [lambda p, task=task: learner.task_loss(p, task) for task in tasks]
 
 
 # ----------------------------------------------------------------------------------------- helpers

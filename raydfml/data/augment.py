@@ -20,6 +20,8 @@ Kinds (the option is called ``augment``):
   It is a prior about the rendering and would be a different (wrong) prior for natural images.
 - ``crop_flip``: the natural-image prior of FREE/TGR: zero-pad 4, random crop back to the input
   size, horizontal flip with p=0.5 (torchvision's ``RandomCrop(pad=4)`` + ``RandomHorizontalFlip``).
+- ``crop``: the same crop without the flip, for images whose mirror image is another class (letters:
+  a flipped ``b`` is a ``d``, a flipped ``R`` is no letter of the set).
 - ``shift``: circular shift of up to +-2 px in each direction (PURER's jitter, per image here).
 - ``none``: identity.
 """
@@ -30,7 +32,7 @@ from torch import Tensor
 
 from ..errors import UserError
 
-AUGMENTATIONS = ("colour", "crop_flip", "shift", "none")
+AUGMENTATIONS = ("colour", "crop_flip", "crop", "shift", "none")
 
 MAX_SHIFT = 2          # px, the seeds' jitter range (PURER's roll)
 CROP_PAD = 4           # px, torchvision RandomCrop(padding=4) as in FREE/TGR
@@ -72,11 +74,13 @@ def _shift(x: Tensor, generator: torch.Generator | None, max_shift: int = MAX_SH
     return _gather_hw(x, rows, cols)
 
 
-def _crop_flip(x: Tensor, generator: torch.Generator | None, pad: int = CROP_PAD) -> Tensor:
+def _crop_flip(x: Tensor, generator: torch.Generator | None, pad: int = CROP_PAD, flips: bool = True) -> Tensor:
     b, _, h, w = x.shape
     xp = torch.nn.functional.pad(x, (pad, pad, pad, pad))          # zero padding, as torchvision's default
     off = _randint((b, 2), 0, 2 * pad, generator, x.device)
     flip = _uniform((b, 1), 0.0, 1.0, generator, x.device) < 0.5
+    if not flips:       # the same draws as crop_flip (the crops match), the flips dropped
+        flip = torch.zeros_like(flip)
     rows = off[:, :1] + torch.arange(h, device=x.device).view(1, h)
     base = torch.arange(w, device=x.device).view(1, w)
     cols = off[:, 1:] + torch.where(flip, (w - 1) - base, base)    # flipping the crop = crop of the flip
@@ -111,6 +115,8 @@ def augment(x: Tensor, kind: str, generator: torch.Generator | None = None) -> T
         return _shift(x, generator)
     if kind == "crop_flip":
         return _crop_flip(x, generator)
+    if kind == "crop":
+        return _crop_flip(x, generator, flips=False)
     return _colour(x, generator)
 
 

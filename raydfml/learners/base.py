@@ -182,6 +182,12 @@ class Learner:
       constants; False differentiates through the inner loop (``create_graph=True``).
     - ``kd_weight``, ``ce_weight``, ``temperature``: task loss with teacher logits,
       ``kd_weight * distill_loss(s, t, T) + ce_weight * CE(s, y)``.
+    - ``distill_via``: how a teacher's task is distilled into the meta-model (``task_loss``, used by the
+      alignment rules and PURER's hardening): ``learner`` through the learner's own prediction rule
+      (MAML-family: the head; ProtoNet: prototypes of the support), ``head`` always through the
+      linear head on support and query together (ProtoNet never trains or uses that head).
+    - ``joint_bn``: ProtoNet only: support and query go through BatchNorm as one batch (Snell et al.'s
+      code), instead of each with its own batch statistics (at 1-shot: 5 support images).
     """
 
     name = "base"
@@ -191,7 +197,8 @@ class Learner:
 
     def __init__(self, model: nn.Module, inner_lr: float = 0.01, inner_steps: int = 5,
                  test_inner_steps: int = 10, first_order: bool = True, kd_weight: float = 1.0,
-                 ce_weight: float = 1.0, temperature: float = 1.0):
+                 ce_weight: float = 1.0, temperature: float = 1.0, distill_via: str = "learner",
+                 joint_bn: bool = False):
         _check_model(model)
         if not inner_lr > 0:
             raise UserError(f"learner option inner_lr must be > 0, got {inner_lr}")
@@ -202,6 +209,8 @@ class Learner:
             raise UserError(f"learner option temperature must be > 0, got {temperature}")
         if kd_weight < 0 or ce_weight < 0:
             raise UserError(f"learner options kd_weight/ce_weight must be >= 0, got {kd_weight}/{ce_weight}")
+        if distill_via not in ("learner", "head"):
+            raise UserError(f"learner option distill_via must be learner or head, got {distill_via!r}")
         self.model = model
         self.inner_lr = float(inner_lr)
         self.inner_steps = int(inner_steps)
@@ -210,6 +219,8 @@ class Learner:
         self.kd_weight = float(kd_weight)
         self.ce_weight = float(ce_weight)
         self.temperature = float(temperature)
+        self.distill_via = distill_via
+        self.joint_bn = bool(joint_bn)
         self._features_net = _FeatureNet(model) if hasattr(model, "forward_features") else None
 
     def __repr__(self) -> str:
@@ -233,9 +244,20 @@ class Learner:
         return functional_call(self._features_net, {"model." + n: v for n, v in params.items()}, (x,))
 
     def whole_task_loss(self, params: Mapping[str, Tensor], task: Task) -> Tensor:
-        """The task loss (KD + CE) at ``params`` on the task's support and query together."""
+        """The task loss (KD + CE) at ``params`` on the task's support and query together, through the head."""
         x, y, t = whole_task(task)
         return self.task_loss_fn(self.forward(params, x), y, t)
+
+    def task_loss(self, params: Mapping[str, Tensor], task: Task) -> Tensor:
+        """A teacher's task distilled into the meta-model at ``params`` (no inner loop): what the
+        alignment rules differentiate. MAML-family: the head on support and query together."""
+        return self.whole_task_loss(params, task)
+
+    def outer_loss(self, params: Mapping[str, Tensor], task: Task, create_graph: bool = True) -> Tensor:
+        """The meta-objective of one task (adapt on the support, CE on the query), differentiable
+        w.r.t. the task's images (PURER's hardening maximises it)."""
+        fast = self.adapt(params, task.x_support, task.y_support, create_graph=create_graph)
+        return F.cross_entropy(self.forward(fast, task.x_query), task.y_query)
 
     def adapted_names(self, params: Mapping[str, Tensor]) -> list[str]:
         """Names of the parameters the inner loop updates."""

@@ -7,13 +7,15 @@ distillation when the task carries teacher logits for the query). There is no in
 is the identity and ``predict`` uses the support prototypes without fine-tuning.
 
 Support and query are embedded in separate forward passes, so BatchNorm normalises each with its own
-batch statistics (transductive, as the seeds).
+batch statistics (transductive, as the seeds), unless ``joint_bn``: then one forward pass over both,
+so BN's statistics come from the whole task (at 1-shot the support alone is 5 images).
 """
 from __future__ import annotations
 
 from typing import Mapping
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .base import Learner, Params, Task, accuracy_of
@@ -57,8 +59,25 @@ class ProtoNet(Learner):
 
     def logits(self, params: Mapping[str, Tensor], x_support: Tensor, y_support: Tensor,
                x_query: Tensor, way: int | None = None) -> Tensor:
-        protos = prototypes(self.features(params, x_support), y_support, way)
-        return proto_logits(self.features(params, x_query), protos)
+        if self.joint_bn:
+            feats = self.features(params, torch.cat([x_support, x_query]))
+            f_s, f_q = feats[:len(x_support)], feats[len(x_support):]
+        else:
+            f_s, f_q = self.features(params, x_support), self.features(params, x_query)
+        return proto_logits(f_q, prototypes(f_s, y_support, way))
+
+    def task_loss(self, params: Mapping[str, Tensor], task: Task) -> Tensor:
+        """A teacher's task through the prototypes (``distill_via=learner``): KD + CE on the query with
+        the support's prototypes; ``distill_via=head``: the unused linear head, as before."""
+        if self.distill_via == "head":
+            return self.whole_task_loss(params, task)
+        logits = self.logits(params, task.x_support, task.y_support, task.x_query, task.way)
+        return self.task_loss_fn(logits, task.y_query, task.t_query)
+
+    def outer_loss(self, params: Mapping[str, Tensor], task: Task, create_graph: bool = True) -> Tensor:
+        if self.distill_via == "head":
+            return F.cross_entropy(self.forward(params, task.x_query), task.y_query)
+        return F.cross_entropy(self.logits(params, task.x_support, task.y_support, task.x_query), task.y_query)
 
     def meta_grads(self, params: Mapping[str, Tensor], task: Task) -> tuple[Params, dict]:
         """Gradient of the prototype loss on the query for one task (mean over the meta-batch is the

@@ -12,7 +12,9 @@ from .registry import register_method
 
 @register_method("deepinv")
 class DeepInversion(TeacherRecovery):
-    preset = {"synth.name": "pixel"}
+    # Pixel inversion's own loss weights (PURER's per-teacher loss): BN statistics at 0.01, a +-2 px
+    # shift inside the loss (the generator methods use synth.bn_weight 1.0 and crop augmentation).
+    preset = {"synth.name": "pixel", "synth.bn_weight": 0.01, "synth.augment": "shift"}
 
 
 __all__ = ["DeepInversion"]

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ..data.augment import augment, check_augment
 from ..errors import UserError
@@ -125,11 +124,14 @@ class Purer(Method):
         lc, t = self.cfg.learner, self.cfg.train
         x_s, y_s, x_q, y_q, classes = self.dataset.sample_task(t.way, lc.train_shot, lc.train_query, ml.aug_gen,
                                                                images=images)
+        from ..learners import Task
+
         x_s = ml.normalize(augment(x_s, t.augment, ml.aug_gen), y_s, classes).to(ml.device)
         x_q = ml.normalize(augment(x_q, t.augment, ml.aug_gen), y_q, classes).to(ml.device)
         params = {n: p.detach() for n, p in ml.params.items()}
-        fast = ml.learner.adapt(params, x_s, y_s.to(ml.device), create_graph=True)
-        return -F.cross_entropy(ml.learner.forward(fast, x_q), y_q.to(ml.device))
+        # The learner's own meta-objective (ProtoNet: the prototypes; with learner.distill_via=head the
+        # linear head, which ProtoNet never trains, so the hardening pushes in an arbitrary direction).
+        return -ml.learner.outer_loss(params, Task(x_s, y_s.to(ml.device), x_q, y_q.to(ml.device)), create_graph=True)
 
     def sample_task(self, ml):
         lc, t = self.cfg.learner, self.cfg.train

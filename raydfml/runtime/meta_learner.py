@@ -115,10 +115,22 @@ class MetaLearner:
         return self.method.central_hook(hook)(self, round_idx, merge(parts), *args)
 
     def bank_records(self, *parts) -> None:
-        """The records' recovered images into the task memory bank, in teacher order."""
+        """The records' recovered images into the task memory bank, in teacher order.
+
+        ``train.bank_filter``: ``none`` banks every image under the label it was recovered for;
+        ``agree`` only those whose teacher predicts that label; ``relabel`` every image under the
+        teacher's own label. The bank keeps, per image, whether the teacher agreed (``bank/disputed``).
+        """
+        mode = self.cfg.train.bank_filter
         for r in merge(parts):
-            self.bank.add(torch.from_numpy(np.asarray(r.images)), torch.from_numpy(np.asarray(r.labels)),
-                          tuple(r.classes), agree=None if r.agree is None else torch.from_numpy(np.asarray(r.agree)))
+            images, labels = torch.from_numpy(np.asarray(r.images)), torch.from_numpy(np.asarray(r.labels))
+            pred = None if r.predicted is None else torch.from_numpy(np.asarray(r.predicted))
+            agree = None if pred is None else pred == labels
+            if pred is not None and mode == "agree":
+                images, labels, agree = images[agree], labels[agree], agree[agree]
+            elif pred is not None and mode == "relabel":
+                labels, agree = pred, torch.ones_like(agree)
+            self.bank.add(images, labels, tuple(r.classes), agree=agree)
 
     def aggregate(self, *parts) -> dict:
         """One meta-update from the records' per-teacher contributions with the configured rule."""

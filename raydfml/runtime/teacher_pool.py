@@ -107,24 +107,23 @@ class TeacherPool:
         return self.synthesizer.synthesize(self.teacher(tid), self.classes_of(tid), spec.mean, spec.std, seed=seed)
 
     def record(self, tid: int, rec) -> TeacherRecord:
-        """A ``TeacherRecord`` of a recovery (``synthesis.base.Recovered``), with whether the teacher
-        agrees with each image's label on exactly the stored (float16, clamped) image."""
+        """A ``TeacherRecord`` of a recovery (``synthesis.base.Recovered``), with the teacher's own label
+        for exactly the stored (float16, clamped) images."""
         return TeacherRecord(teacher=tid, arch=self.arch_of(tid), classes=tuple(rec.classes),
                              images=rec.images.cpu().numpy(), labels=rec.labels.cpu().numpy(),
-                             agree=self.agreement(tid, rec.images, rec.labels),
+                             predicted=self.predict(tid, rec.images),
                              teacher_acc=rec.teacher_acc, inv_loss=rec.loss, passes=rec.passes, seconds=rec.seconds)
 
-    def agreement(self, tid: int, images01, labels, batch: int = 256) -> np.ndarray:
-        """Per image, whether teacher ``tid`` predicts its label (eval mode, no gradient)."""
+    def predict(self, tid: int, images01, batch: int = 256) -> np.ndarray:
+        """Teacher ``tid``'s label (relative, argmax) for each [0, 1] image (eval mode, no gradient)."""
         spec = self.spec_of(tid)
         norm = make_normalizer(spec.mean, spec.std, self.device)
-        x, y = torch.as_tensor(images01), torch.as_tensor(labels)
+        x = torch.as_tensor(images01)
         out = []
         with torch.no_grad():
             for i in range(0, len(x), batch):
-                pred = self.teacher(tid)(norm(x[i:i + batch].to(self.device, torch.float32))).argmax(1).cpu()
-                out.append(pred == y[i:i + batch])
-        return torch.cat(out).numpy() if out else np.zeros(0, dtype=bool)
+                out.append(self.teacher(tid)(norm(x[i:i + batch].to(self.device, torch.float32))).argmax(1).cpu())
+        return torch.cat(out).numpy() if out else np.zeros(0, dtype=np.int64)
 
     # --- the teacher's contribution to the meta-update --------------------------------------------
     def teacher_task(self, tid: int, images01, labels, seed: int):
@@ -192,12 +191,12 @@ class TeacherPool:
         return flatten(grads, self.names).detach().cpu().numpy().astype(np.float32), stats
 
     def _task_grad(self, task, params) -> tuple[np.ndarray, dict]:
-        """Gradient of ``L_i(θ)`` = the learner's task loss (KD + CE) on all of the task's images."""
+        """Gradient of ``L_i(θ)`` = the learner's distillation loss of the teacher's task (``Learner.task_loss``)."""
         from ..learners import flatten
 
         leaves = {n: v.detach().requires_grad_(True) for n, v in params.items()}
         with torch.enable_grad():
-            loss = self.learner.whole_task_loss(leaves, task)
+            loss = self.learner.task_loss(leaves, task)
             gs = torch.autograd.grad(loss, [leaves[n] for n in self.names], allow_unused=True)
         grads = {n: (torch.zeros_like(leaves[n]) if g is None else g) for n, g in zip(self.names, gs)}
         return flatten(grads, self.names).detach().cpu().numpy().astype(np.float32), {"loss": float(loss.detach())}

@@ -30,12 +30,14 @@ from .registry import register_synthesizer
 
 class PixelInversion:
     def __init__(self, image_size: int = 32, per_class: int = 20, steps: int = 30, lr: float = 0.25,
-                 bn_weight: float = 0.01, tv_weight: float = 1e-4, l2_weight: float = 1e-5, augment: str = "shift"):
+                 bn_weight: float = 0.01, tv_weight: float = 1e-4, l2_weight: float = 1e-5, augment: str = "shift",
+                 ce_weight: float = 1.0):
         check_augment(augment)
         if steps < 1 or per_class < 1:
             raise UserError(f"inversion needs steps >= 1 and per_class >= 1 (got steps={steps}, per_class={per_class})")
         self.image_size, self.per_class, self.steps, self.lr = image_size, per_class, steps, lr
-        self.loss_cfg = {"bn_weight": bn_weight, "tv_weight": tv_weight, "l2_weight": l2_weight, "augment": augment}
+        self.loss_cfg = {"bn_weight": bn_weight, "tv_weight": tv_weight, "l2_weight": l2_weight, "augment": augment,
+                         "ce_weight": ce_weight}
 
     def synthesize(self, teacher: nn.Module, classes: Sequence[int], mean: Sequence[float], std: Sequence[float],
                    seed: int, student=None) -> Recovered:
@@ -64,7 +66,8 @@ class PixelInversion:
 
 @register_synthesizer("pixel")
 def build_pixel(sc, image_size: int) -> PixelInversion:
-    return PixelInversion(image_size=image_size, per_class=sc.per_class, steps=sc.steps, lr=sc.lr_pixel)
+    return PixelInversion(image_size=image_size, per_class=sc.per_class, steps=sc.steps, lr=sc.lr_pixel,
+                          bn_weight=sc.bn_weight, ce_weight=sc.ce_weight, augment=sc.augment)
 
 
 __all__ = ["PixelInversion", "build_pixel"]

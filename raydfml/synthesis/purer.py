@@ -38,7 +38,7 @@ from .base import (BNStatsLoss, Recovered, cpu_generator, frozen, make_normalize
 def purer_teacher_loss(teacher: nn.Module, teacher_classes: Sequence[int], rows: Tensor, mean: Sequence[float],
                        std: Sequence[float], seed: int, *, bn_weight: float = 0.01, tv_weight: float = 1e-4,
                        l2_weight: float = 1e-5, augment: str = "shift",
-                       row_classes: Sequence[int] | None = None) -> Recovered:
+                       row_classes: Sequence[int] | None = None, ce_weight: float = 1.0) -> Recovered:
     """One teacher's DeepInversion loss on its rows and the gradient w.r.t. those rows.
 
     ``rows`` are [0, 1] images; by default ``len(teacher_classes)`` equal blocks in the order of
@@ -64,7 +64,7 @@ def purer_teacher_loss(teacher: nn.Module, teacher_classes: Sequence[int], rows:
     with frozen(teacher), BNStatsLoss(teacher) as bn:
         logits = teacher(normalize(apply_augment(x, augment, cpu_generator(seed))))
         xn = normalize(x)
-        loss = (F.cross_entropy(logits, targets) + bn_weight * bn.loss()
+        loss = (ce_weight * F.cross_entropy(logits, targets) + bn_weight * bn.loss()
                 + tv_weight * total_variation(xn) + l2_weight * torch.linalg.vector_norm(xn))
         grad, = torch.autograd.grad(loss, x)
         with torch.no_grad():

@@ -46,6 +46,9 @@ class ZooConfig:
     width: float = 1.0
     batch_size: int = 128
     image_size: int | None = None   # None: the dataset's own size
+    # Teacher k's class subset is plan number ``plan_offset + k`` of (policy, seed): the zoos of one pool
+    # (one per architecture) take consecutive plan numbers, so they do not all repeat the same subsets.
+    plan_offset: int = 0
     # "seeds": conv4 Adam 0.01, ResNets SGD 0.01/0.9/5e-4 (the seeds' recipe, for long schedules);
     # "adam": Adam 0.01 for every architecture. Measured on glyphs, 4 epochs, width 0.25: resnet10
     # reached 0.34 held-out accuracy with the seeds' SGD, 0.90 with SGD at peak lr 0.1, 0.997 with Adam.
@@ -71,7 +74,7 @@ def teacher_seed(seed: int, teacher_id: int) -> int:
 
 
 def plan_classes(cfg: ZooConfig, num_classes: int) -> list[tuple[int, ...]]:
-    """Class subsets per teacher, sorted ids. Deterministic in (policy, seed)."""
+    """Class subsets per teacher, sorted ids. Deterministic in (policy, seed, plan_offset)."""
     if cfg.way > num_classes:
         raise UserError(f"--way {cfg.way}: the meta-train split has only {num_classes} classes")
     if cfg.policy == "disjoint":
@@ -79,9 +82,13 @@ def plan_classes(cfg: ZooConfig, num_classes: int) -> list[tuple[int, ...]]:
         if cfg.num > blocks:
             raise UserError(f"--num {cfg.num}: disjoint {cfg.way}-way blocks of {num_classes} classes allow at most "
                             f"{blocks} teachers (use --policy random for more)")
-        return [tuple(range(k * cfg.way, (k + 1) * cfg.way)) for k in range(cfg.num)]
+        first = cfg.plan_offset
+        if first + cfg.num > blocks:
+            raise UserError(f"--num {cfg.num}: disjoint {cfg.way}-way blocks of {num_classes} classes allow at most "
+                            f"{blocks} teachers in the pool")
+        return [tuple(range(k * cfg.way, (k + 1) * cfg.way)) for k in range(first, first + cfg.num)]
     plans = []
-    for k in range(cfg.num):
+    for k in range(cfg.plan_offset, cfg.plan_offset + cfg.num):
         rng = np.random.default_rng([cfg.seed, k])
         plans.append(tuple(sorted(int(c) for c in rng.choice(num_classes, cfg.way, replace=False))))
     return plans
@@ -251,4 +258,6 @@ def default_zoo_dir(data_root: str | Path, cfg: ZooConfig) -> Path:
     width = "" if cfg.width == 1.0 else f"-w{cfg.width:g}"
     if cfg.optimizer != "seeds" and cfg.arch != "conv4":      # conv4 trains with Adam either way
         width += f"-{cfg.optimizer}"
-    return Path(data_root) / "zoo" / f"{cfg.dataset}-{cfg.arch}{width}-{cfg.way}way-{cfg.policy}-n{cfg.num}-s{cfg.seed}-e{cfg.epochs}"
+    plans = f"-p{cfg.plan_offset}" if cfg.plan_offset else ""
+    return Path(data_root) / "zoo" / (f"{cfg.dataset}-{cfg.arch}{width}-{cfg.way}way-{cfg.policy}-n{cfg.num}{plans}"
+                                      f"-s{cfg.seed}-e{cfg.epochs}")

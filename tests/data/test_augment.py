@@ -80,3 +80,25 @@ def test_device_of_draws_does_not_matter_for_cpu_results():
     torch.manual_seed(456)
     b = augment(x, "colour", torch.Generator().manual_seed(9))
     assert torch.equal(a, b)
+
+
+def test_crop_is_crop_flip_without_the_flips():
+    """Same generator state: the same crops; crop_flip's flipped images come back unflipped."""
+    x = batch(8, size=16)
+    flipped = augment(x, "crop_flip", torch.Generator().manual_seed(7))
+    cropped = augment(x, "crop", torch.Generator().manual_seed(7))
+    padded = torch.nn.functional.pad(x, (4, 4, 4, 4))
+    crops = [[padded[i, :, dy:dy + 16, dx:dx + 16] for dy in range(9) for dx in range(9)] for i in range(8)]
+    assert all(any(torch.equal(cropped[i], c) for c in crops[i]) for i in range(8))
+    same = [torch.equal(cropped[i], flipped[i]) for i in range(8)]
+    assert any(same) and not all(same)
+    assert all(s or torch.equal(cropped[i], flipped[i].flip(-1)) for i, s in enumerate(same))
+
+
+def test_auto_augment_drops_the_flip_for_letters():
+    from raydfml.config import resolve
+
+    assert resolve("mr", "tgr", "smoke").synth.augment == "crop"                    # glyphs: letters
+    assert resolve("mr", "tgr", "smoke", {"data.dataset": "cifarfs"}).synth.augment == "crop_flip"
+    assert resolve("mr", "tgr", "smoke", {"synth.augment": "crop_flip"}).synth.augment == "crop_flip"
+    assert resolve("mr", "deepinv", "smoke").synth.augment == "shift"               # pixel inversion's own

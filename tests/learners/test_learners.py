@@ -401,3 +401,59 @@ def test_first_order_maml_meta_training_beats_chance():
     print(f"FOMAML pattern tasks: accuracy {before:.3f} -> {after:.3f}")
     assert before < 0.45, before
     assert after > 0.6 and after - before > 0.25, (before, after)
+
+
+# ------------------------------------------------- distilling a teacher's task, ProtoNet's BN batch
+
+def _with_teacher(task: Task, seed: int = 9) -> Task:
+    g = torch.Generator().manual_seed(seed)
+    way = int(task.y_support.max()) + 1
+    return Task(task.x_support, task.y_support, task.x_query, task.y_query,
+                torch.randn(len(task.y_support), way, generator=g, dtype=task.x_support.dtype),
+                torch.randn(len(task.y_query), way, generator=g, dtype=task.x_query.dtype))
+
+
+def test_protonet_distils_a_teachers_task_through_its_prototypes_not_the_unused_head():
+    """distill_via=learner: the task loss is KD + CE on the query with the support's prototypes, so the
+    head gets no gradient; distill_via=head: through the head (what ProtoNet never uses at test time)."""
+    model, task = tiny_setup(seed=3)
+    task = _with_teacher(task)
+    native, head = ProtoNet(model), ProtoNet(model, distill_via="head")
+    params = native.init_params()
+    expected = native.task_loss_fn(native.logits(params, task.x_support, task.y_support, task.x_query),
+                                   task.y_query, task.t_query)
+    assert torch.allclose(native.task_loss(params, task), expected)
+    for learner, head_grad in ((native, False), (head, True)):
+        p = learner._leaves(params)
+        g = torch.autograd.grad(learner.task_loss(p, task), [p["classifier.weight"]], allow_unused=True)[0]
+        assert (g is not None and bool(g.abs().sum() > 0)) == head_grad
+    # MAML-family learners distil through the head either way (their test-time rule uses it)
+    assert torch.allclose(MAML(model).task_loss(params, task), MAML(model).whole_task_loss(params, task))
+
+
+def test_outer_loss_is_the_learners_meta_objective_and_reaches_the_images():
+    model, task = tiny_setup(seed=5)
+    x_q = task.x_query.clone().requires_grad_(True)
+    task = Task(task.x_support, task.y_support, x_q, task.y_query)
+    proto = ProtoNet(model)
+    params = proto.init_params()
+    loss = proto.outer_loss(params, task)
+    assert torch.allclose(loss, F.cross_entropy(proto.logits(params, task.x_support, task.y_support, x_q),
+                                                task.y_query))
+    assert torch.autograd.grad(loss, x_q)[0].abs().sum() > 0
+    maml = MAML(model, inner_steps=1)
+    fast = maml.adapt(params, task.x_support, task.y_support, create_graph=True)
+    assert torch.allclose(maml.outer_loss(params, task), F.cross_entropy(maml.forward(fast, x_q), task.y_query))
+
+
+def test_protonet_joint_bn_normalises_support_and_query_as_one_batch():
+    from raydfml.learners import proto_logits, prototypes
+
+    learner, joint = ProtoNet(conv4()), ProtoNet(conv4(), joint_bn=True)
+    params = learner.init_params()
+    task = pattern_task(torch.Generator().manual_seed(2), shot=1, query=5)
+    feats = learner.features(params, torch.cat([task.x_support, task.x_query]))
+    expected = proto_logits(feats[5:], prototypes(feats[:5], task.y_support))
+    assert torch.allclose(joint.logits(params, task.x_support, task.y_support, task.x_query), expected, atol=1e-5)
+    separate = learner.logits(params, task.x_support, task.y_support, task.x_query)
+    assert not torch.allclose(separate, expected, atol=1e-3)        # 5 support images' own statistics differ

@@ -1,3 +1,4 @@
+import pytest
 import numpy as np
 import torch
 
@@ -70,3 +71,24 @@ def test_the_bank_keeps_each_images_teacher_agreement_through_the_ring_and_check
     unknown = TaskMemoryBank(per_class=4)
     unknown.add(_images(2, 0.1), torch.tensor([0, 0]), classes=(1,))
     assert np.isnan(unknown.disputed_share())
+
+
+@pytest.mark.parametrize("mode,kept,labels", [("none", 4, [0, 0, 1, 1]), ("agree", 3, [0, 1, 1]),
+                                              ("relabel", 4, [0, 1, 1, 1])])
+def test_bank_filter_drops_or_relabels_images_their_teacher_disputes(mode, kept, labels):
+    import numpy as np
+
+    from raydfml.config import resolve
+    from raydfml.records import TeacherRecord
+    from raydfml.runtime.meta_learner import MetaLearner
+
+    cfg = resolve("mr", "deepinv", "smoke", {"train.bank_filter": mode})
+    ml = MetaLearner(cfg.to_dict(), [10, 20], device="cpu", load_val=False)
+    images = np.stack([np.full((3, 32, 32), v, dtype=np.float16) for v in (0.1, 0.2, 0.3, 0.4)])
+    rec = TeacherRecord(teacher=0, classes=(10, 20), images=images, labels=np.array([0, 0, 1, 1]),
+                        predicted=np.array([0, 1, 1, 1]))             # the teacher disputes image 1
+    ml.bank_records([rec])
+    assert len(ml.bank) == kept
+    by_class = {c: ml.bank.count(c) for c in (10, 20)}
+    assert by_class == {10: labels.count(0), 20: labels.count(1)}
+    assert ml.bank.disputed_share() == (0.25 if mode == "none" else 0.0)

@@ -80,3 +80,27 @@ def test_bad_domain_lists_are_user_errors(tmp_path):
     twice = _cfg(tmp_path, **{"data.domains": "glyphs-smoke-greek,glyphs-smoke-greek"})
     with pytest.raises(UserError, match="twice"):
         pool_datasets(twice)
+
+
+def test_the_architectures_of_a_pool_get_their_own_class_plans(tmp_path):
+    """pool.arch_plans=distinct: resnet10's teachers continue the plan numbers after conv4's, so the
+    three zoos of ma do not repeat one set of class subsets (shared: the old behaviour, 23 of 64
+    classes for ma quick's 18 teachers; distinct: 47)."""
+    from raydfml.zoo import plan_classes
+
+    def covered(**over):
+        cfg = resolve("ma", "free", "quick", {"data.data_root": str(tmp_path), **over})
+        zcfgs = [zoo_config(cfg, a) for a in cfg.pool.archs]
+        assert len({zoo_dir_for(cfg, z) for z in zcfgs}) == 3
+        return zcfgs, {c for z in zcfgs for plan in plan_classes(z, 64) for c in plan}
+
+    distinct, cov = covered()
+    assert [z.plan_offset for z in distinct] == [0, 6, 12] and len(cov) == 47
+    shared, cov_shared = covered(**{"pool.arch_plans": "shared"})
+    assert [z.plan_offset for z in shared] == [0, 0, 0] and len(cov_shared) == 23
+    # the first zoo (and every single-architecture pool) keeps its plans and its directory
+    assert zoo_dir_for(resolve("mr", "deepinv", "quick", {"data.data_root": str(tmp_path)}),
+                       zoo_config(resolve("mr", "deepinv", "quick", {"data.data_root": str(tmp_path)}), "conv4")).name \
+        .endswith("n10-s0-e4")
+    with pytest.raises(UserError, match="pool.arch_plans"):
+        resolve("ma", "free", "smoke", {"pool.arch_plans": "nope"})
