@@ -226,11 +226,14 @@ PROFILES: dict[str, dict[str, Any]] = {
         # Adam (4 epochs: resnet10 0.98, resnet18 0.98 held-out; the seeds' SGD reached 0.34).
         "pool.width": 0.125, "pool.optimizer": "adam",
     },
+    # The seeds' values; methods add their own schedules (rounds, meta-batch, curriculum: see their
+    # ``profiles["paper"]``). The seeds' MAML is second order unless --approx, which no script passes.
     "paper": {
         "pool.num_per_arch": 100, "pool.epochs": 60,
         "synth.steps": 200, "synth.per_class": 30,
         "train.rounds": 1200, "train.replay_batches": 16, "train.eval_every": 20, "train.val_tasks": 600,
-        "train.test_tasks": 600, "learner.meta_batch": 4,
+        "train.test_tasks": 600, "learner.meta_batch": 4, "train.teachers_per_round": 4,
+        "learner.first_order": False,
     },
 }
 

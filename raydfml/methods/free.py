@@ -42,7 +42,11 @@ class Free(Method):
     # ma pool, 5 steps left the teachers at 50-65% accuracy on the recovered images, the replay learner
     # at chance and meta-val at random init (16 warm-up rounds instead of 4 did not help); 15 steps gave
     # ~90% and meta-val 36.7 after 9 rounds.
-    profiles = {"smoke": {"free.warmup": 1}, "quick": {"free.warmup": 4, "free.adapt_steps": 15}}
+    # paper: FREE's scripts: 1000 epochs of 4 teachers, 20 images per class and teacher, replay meta-batches
+    # of 10 episodes (at least generate_interval + 1 = 11 per epoch), 20 warm-up epochs, 5 adaptation steps.
+    profiles = {"smoke": {"free.warmup": 1}, "quick": {"free.warmup": 4, "free.adapt_steps": 15},
+                "paper": {"train.rounds": 1000, "synth.per_class": 20, "learner.meta_batch": 10,
+                          "train.replay_batches": 11}}
 
     @classmethod
     def validate(cls, cfg) -> None:

@@ -38,14 +38,21 @@ class PurerConfig:
     tv_weight: float = 1e-4           # ... total variation ...
     l2_weight: float = 1e-5           # ... and L2 of the normalised images
     augment: str = "shift"            # augmentation of the rows inside the teachers' loss
+    data_steps: int = 1               # Adam steps of the dataset per round, each from fresh teacher gradients
+                                      # (the seeds: 1 per meta-iteration, from 13 teachers, 60000 iterations)
 
 
 @register_method("purer")
 class Purer(Method):
     Config = PurerConfig
     preset = {"synth.name": "pixel", "synth.per_class": 20, "train.kd_steps": 0}
+    # paper: PURER's scripts: 240000 episodes in meta-batches of 4, i.e. 60000 meta-iterations, each one
+    # Adam step of the dataset from 13 teachers and one meta-batch; the hardening fires at iteration 4000
+    # (so well inside the run) and then on the patience rule; test every 500 iterations.
     profiles = {"smoke": {"purer.adv_start": 2, "purer.patience": 2},
-                "quick": {"purer.adv_start": 6, "purer.patience": 6}}
+                "quick": {"purer.adv_start": 6, "purer.patience": 6},
+                "paper": {"train.rounds": 60000, "train.replay_batches": 1, "train.teachers_per_round": 13,
+                          "train.eval_every": 500, "purer.adv_start": 4000}}
 
     @classmethod
     def validate(cls, cfg) -> None:
@@ -53,6 +60,8 @@ class Purer(Method):
         if cfg.aggregate.rule != "mean" or cfg.train.kd_steps > 0:
             raise UserError("method purer makes no per-teacher meta-gradient step: keep aggregate.rule=mean "
                             "and train.kd_steps=0")
+        if o.data_steps < 1:
+            raise UserError(f"config purer.data_steps={o.data_steps}: must be at least 1")
         if not o.lr > 0 or o.patience < 1 or o.adv_scale < 0:
             raise UserError(f"config purer: lr must be > 0, patience >= 1 and adv_scale >= 0 (got lr={o.lr}, "
                             f"patience={o.patience}, adv_scale={o.adv_scale})")
@@ -70,9 +79,11 @@ class Purer(Method):
     def run_round(self, rnd):
         t0 = time.perf_counter()
         teachers = rnd.draw_teachers()
-        rows = rnd.on_meta("rows", {t: rnd.entries[t].global_classes for t in teachers})
-        batch = rnd.on_teachers("row_grads", teachers, per_teacher=rows)
-        rnd.metrics.update(rnd.on_meta("step", records=batch))
+        classes = {t: rnd.entries[t].global_classes for t in teachers}
+        for step in range(self.options.data_steps):      # the hardening term (when due) joins the first step
+            rows = rnd.on_meta("rows", classes)
+            batch = rnd.on_teachers("row_grads", teachers, step, per_teacher=rows)
+            rnd.metrics.update(rnd.on_meta("step", records=batch))
         rnd.metrics["time/synthesis_s"] = time.perf_counter() - t0
         for rec in batch.summaries:
             key = f"teachers/{rec.arch}"
@@ -80,12 +91,12 @@ class Purer(Method):
         return None                     # the dataset is not a per-teacher recovery to log
 
     # --- TeacherPool ------------------------------------------------------------------------------
-    def teacher_row_grads(self, pool, round_idx: int, tid: int, rows) -> TeacherRecord:
+    def teacher_row_grads(self, pool, round_idx: int, tid: int, rows, step: int = 0) -> TeacherRecord:
         """The teacher's inversion loss on its classes' current rows and its gradient w.r.t. them."""
         classes, spec = pool.classes_of(tid), pool.spec_of(tid)
+        keys = (self.cfg.seed, round_idx, tid, 1) if step == 0 else (self.cfg.seed, round_idx, tid, 1, step)
         rec = purer_teacher_loss(pool.teacher(tid), classes, torch.from_numpy(np.asarray(rows).copy()).to(pool.device),
-                                 spec.mean, spec.std, seed=task_seed(self.cfg.seed, round_idx, tid, 1),
-                                 **self.loss_config())
+                                 spec.mean, spec.std, seed=task_seed(*keys), **self.loss_config())
         return TeacherRecord(teacher=tid, arch=pool.arch_of(tid), classes=classes, inv_loss=rec.loss,
                              teacher_acc=rec.teacher_acc, seconds=rec.seconds,
                              state_grad=rec.state_grad["rows"].detach().cpu().numpy())

@@ -32,13 +32,19 @@ class TgrConfig:
     groups: int = 5                   # heterogeneous groups over all teachers
     regroup_every: int = 0            # re-embed and re-group every R rounds (0: groups fixed, as TGR)
     probe: str = "random"             # Fisher probe: random (a seeded Conv4) | teacher (pool teacher 0)
+    grouping: str = "task_space"      # task_space (TGR) | random: the same group sizes, members drawn at random
+                                      # (an ablation: the embedding phase still runs and banks its data)
 
 
 @register_method("tgr")
 class Tgr(TeacherRecovery):
     Config = TgrConfig
     preset = {"synth.name": "generator", "aggregate.rule": "igr"}
-    profiles = {"smoke": {"tgr.groups": 2}, "quick": {"tgr.groups": 3}}
+    # paper: TGR's scripts: 1200 epochs of 4 teachers from one of 5 groups, 30 images per class recovered in
+    # 200 generator steps, replay meta-batches of 16 episodes (at least generate_interval + 1 = 5 per epoch).
+    profiles = {"smoke": {"tgr.groups": 2}, "quick": {"tgr.groups": 3},
+                "paper": {"train.rounds": 1200, "synth.per_class": 30, "synth.steps": 200, "learner.meta_batch": 16,
+                          "train.replay_batches": 5}}
 
     @classmethod
     def validate(cls, cfg) -> None:
@@ -47,6 +53,8 @@ class Tgr(TeacherRecovery):
             raise UserError(f"config tgr.groups={o.groups}: must be at least 1")
         if o.probe not in PROBES:
             raise UserError(f"config tgr.probe={o.probe!r}: choose {' or '.join(PROBES)}")
+        if o.grouping not in ("task_space", "random"):
+            raise UserError(f"config tgr.grouping={o.grouping!r}: choose task_space or random")
         if o.regroup_every < 0:
             raise UserError(f"config tgr.regroup_every={o.regroup_every}: must be 0 (never) or more")
         if cfg.train.kd_steps < 1:
@@ -122,6 +130,8 @@ class TaskGroups:
             sim = task_similarity(torch.stack([torch.from_numpy(np.array(r.embedding)) for r in records]))
             n = min(self.options.groups, len(ids))
             groups = heterogeneous_groups(sim, n, seed=self.cfg.seed)
+            if self.options.grouping == "random":
+                groups = random_regrouping(groups, seed=self.cfg.seed)
             save_groups(self._path(epoch), groups, teacher_ids=ids, similarity=sim,
                         archs=[self.entries[i].record.arch for i in ids], seconds=round(time.perf_counter() - t0, 2))
             log.info("TGR groups (epoch %d): %s", epoch, groups)
@@ -139,4 +149,16 @@ class TaskGroups:
         return sorted(int(group[i]) for i in rng.choice(len(group), size=k, replace=False))
 
 
-__all__ = ["Tgr", "TgrConfig", "TaskGroups"]
+def random_regrouping(groups: list[list[int]], seed: int) -> list[list[int]]:
+    """Groups of the same sizes as ``groups`` with members drawn at random (seeded): TGR's task-space
+    grouping against chance, with everything else equal."""
+    members = sorted(i for g in groups for i in g)
+    perm = np.random.default_rng([seed, 6029]).permutation(members).tolist()
+    out, start = [], 0
+    for g in groups:
+        out.append(sorted(int(i) for i in perm[start:start + len(g)]))
+        start += len(g)
+    return out
+
+
+__all__ = ["Tgr", "TgrConfig", "TaskGroups", "random_regrouping"]

@@ -53,3 +53,24 @@ def test_every_registered_method_runs_end_to_end(method, workers, smoke_root, tm
     # A method with central state (FREE's meta-generator, PURER's dataset) has it in the checkpoint.
     assert ("method" in state) == (get_method(method).state_dict is not Method.state_dict)
     assert results["actors_replaced"] == 0
+
+
+def test_paper_profile_schedules_follow_the_seeds():
+    """The schedule arithmetic of the paper profile: PURER's hardening fires inside the run (the seeds'
+    4000 of 60000 meta-iterations; 4000 > 1200 rounds never fired before), FREE's warm-up is a small
+    part of its 1000 rounds, the seeds' second-order MAML and their teachers and episodes per round."""
+    from raydfml.config import resolve
+
+    for method in method_names():
+        cfg = resolve("mr", method, "paper")
+        assert cfg.learner.first_order is False and cfg.learner.name == "maml"
+        assert cfg.train.eval_every < cfg.train.rounds and cfg.train.rounds % cfg.train.eval_every == 0
+    purer = resolve("mr", "purer", "paper")
+    assert purer.section("purer").adv_start < purer.train.rounds == 60000
+    assert purer.train.teachers_per_round == 13 and purer.train.replay_batches * purer.learner.meta_batch == 4
+    free = resolve("mr", "free", "paper")
+    assert free.section("free").warmup == 20 < free.train.rounds == 1000 and free.section("free").adapt_steps == 5
+    assert free.train.teachers_per_round == 4 and free.learner.meta_batch == 10 and free.synth.per_class == 20
+    tgr = resolve("ma", "tgr", "paper")
+    assert tgr.train.rounds == 1200 and tgr.synth.steps == 200 and tgr.synth.per_class == 30
+    assert tgr.train.teachers_per_round == 4 and tgr.learner.meta_batch == 16 and tgr.section("tgr").groups == 5

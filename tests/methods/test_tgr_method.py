@@ -32,3 +32,13 @@ def test_tgr_groups_cover_the_pool_and_are_cached(ma_pool, tmp_path):
     assert cached.groups(5, _NoEmbedding()) == groups
     tids = cached.round_teachers(3, _NoEmbedding())
     assert set(tids) <= set(groups[cached.round_group(3, _NoEmbedding())]) and len(set(tids)) == len(tids)
+
+
+def test_random_regrouping_keeps_the_sizes_and_every_teacher():
+    from raydfml.methods.tgr import random_regrouping
+
+    groups = [[0, 3, 5], [1, 2], [4, 6, 7, 8]]
+    shuffled = random_regrouping(groups, seed=1)
+    assert [len(g) for g in shuffled] == [3, 2, 4]
+    assert sorted(i for g in shuffled for i in g) == list(range(9)) and shuffled != groups
+    assert random_regrouping(groups, seed=1) == shuffled
