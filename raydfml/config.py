@@ -405,6 +405,14 @@ def resolve(scenario: str = "mr", method: str | None = "deepinv", profile: str =
         for key, value in layer.items():
             merged.pop(key, None)           # a later layer's value also comes later in the order
             merged[key] = value
+    # A method's preset may tune the options of its default rule (free: align.scale); when the user
+    # picks another rule those values do not apply. The user's own options of another rule still fail.
+    rule = merged.get("aggregate.rule", AggregationConfig.rule)
+    mine = set(overrides or {})
+    for key in [k for k in merged if k not in mine and "." in k]:
+        section = key.split(".")[0]
+        if section != rule and part_owner(section) == "aggregation rule":
+            del merged[key]
     apply_overrides(cfg, merged)
     if cfg.data.domains:
         cfg.data.dataset = cfg.data.domains[0]
