@@ -1,7 +1,7 @@
 """Ablation of the fidelity fixes: each fix switched off in turn, several seeds, one table.
 
     python benchmarks/fidelity_ablation.py [--seeds 0,1,2] [--scenario ma] [--profile quick]
-        [--data-root data] [--out runs/ablation] [--only free,tgr] [--workers 2]
+        [--data-root data] [--out runs/ablation] [--only free,tgr] [--workers 2] [--set KEY=VALUE ...]
 
 Every row is a complete engine run per seed (``<out>/<row>/seed<k>/``, a normal run directory), on
 the same data and teacher zoos; a finished run is read back, so an interrupted ablation continues
@@ -49,7 +49,15 @@ def main() -> None:
     p.add_argument("--out", default="runs/ablation")
     p.add_argument("--only", default=None, help="comma-separated methods (default: every row)")
     p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="an option for every row (e.g. train.test_tasks=300 to spend less time on meta-tests)")
     args = p.parse_args()
+    shared = {}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            sys.exit(f"--set {item!r}: expected KEY=VALUE")
+        shared[key.strip()] = value.strip()
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
     import pandas as pd
@@ -74,7 +82,7 @@ def main() -> None:
                 per_seed[seed] = json.loads((run_dir / "results.json").read_text())
                 continue
             cfg = resolve(args.scenario, method, args.profile,
-                          {"data.data_root": args.data_root, "runtime.workers": args.workers, **overrides}, seed=seed)
+                          {"data.data_root": args.data_root, "runtime.workers": args.workers, **shared, **overrides}, seed=seed)
             cfg.out = str(run_dir)
             print(f"[{name}] seed {seed}: running in {run_dir}", flush=True)
             per_seed[seed] = run_experiment(cfg, progress=False)

@@ -102,6 +102,8 @@ class TrainConfig:
     replay_batches: int = 10            # meta-batches of bank replay per round
     bank_per_class: int = 200           # ring size per global class in the task memory bank
     bank_filter: str = "none"           # none | agree (bank only images the teacher labels as intended) | relabel
+    kd_optimizer: str = "shared"        # the per-teacher meta-update's Adam: shared with replay (the seeds) | own
+                                        # (own moments: its gradient's scale cannot shrink the replay steps)
     augment: str = "colour"             # augmentation of bank images when the learner uses them (a named prior)
     eval_every: int = 5
     val_tasks: int = 100
@@ -469,6 +471,8 @@ def validate(cfg: ExperimentConfig) -> None:
 
     check_augment(cfg.synth.augment)
     check_augment(cfg.train.augment)
+    if cfg.train.kd_optimizer not in ("shared", "own"):
+        raise UserError(f"config train.kd_optimizer={cfg.train.kd_optimizer!r}: choose shared or own")
     if cfg.train.bank_filter not in ("none", "agree", "relabel"):
         raise UserError(f"config train.bank_filter={cfg.train.bank_filter!r}: choose none, agree or relabel")
     if cfg.pool.arch_plans not in ("distinct", "shared"):

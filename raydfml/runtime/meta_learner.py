@@ -39,6 +39,11 @@ class MetaLearner:
         self.names = [n for n, _ in self.model.named_parameters()]
         self.params = {n: p.detach().clone().requires_grad_(True) for n, p in self.model.named_parameters()}
         self.opt = torch.optim.Adam(list(self.params.values()), lr=self.cfg.learner.outer_lr)
+        # train.kd_optimizer=own: the per-teacher meta-update keeps its own Adam moments. Shared (the
+        # seeds), a per-teacher gradient much larger than replay's (FREE's alignment x67, a KD loss of a
+        # fresh teacher) fills the second moment and shrinks every replay step that follows.
+        self.kd_opt = (torch.optim.Adam(list(self.params.values()), lr=self.cfg.learner.outer_lr)
+                       if self.cfg.train.kd_optimizer == "own" else self.opt)
         self.bank = TaskMemoryBank(self.cfg.train.bank_per_class)
         self.rng = np.random.default_rng([self.cfg.seed, 23])
         self.aug_gen = torch.Generator().manual_seed(task_seed(self.cfg.seed, 29))
@@ -73,9 +78,9 @@ class MetaLearner:
         idx = torch.as_tensor(labels, device=x01.device)
         return (x01 - mean[idx][:, :, None, None]) / std[idx][:, :, None, None]
 
-    def step(self, grads: torch.Tensor | dict[str, torch.Tensor]) -> float:
-        """One meta-update with the outer optimiser from ``grads`` (flat, or keyed like the parameters);
-        returns the gradient's norm."""
+    def step(self, grads: torch.Tensor | dict[str, torch.Tensor], opt: torch.optim.Optimizer | None = None) -> float:
+        """One meta-update with the outer optimiser (or ``opt``) from ``grads`` (flat, or keyed like the
+        parameters); returns the gradient's norm."""
         from ..learners import unflatten
 
         if torch.is_tensor(grads):
@@ -83,16 +88,17 @@ class MetaLearner:
             grads = unflatten(grads.to(self.device), self.params)
         else:
             norm = float(torch.cat([g.flatten() for g in grads.values()]).norm())
-        self._step(grads)
+        self._step(grads, opt)
         return norm
 
-    def _step(self, grads: dict[str, torch.Tensor]) -> None:
-        self.opt.zero_grad(set_to_none=True)
+    def _step(self, grads: dict[str, torch.Tensor], opt: torch.optim.Optimizer | None = None) -> None:
+        opt = opt or self.opt
+        opt.zero_grad(set_to_none=True)
         for n, p in self.params.items():
             g = grads.get(n)
             p.grad = None if g is None else g.detach().to(p.device)
         self._last_grad = {n: g.detach() for n, g in grads.items()}
-        self.opt.step()
+        opt.step()
         self.meta_updates += 1
 
     def last_meta_grad(self) -> np.ndarray:
@@ -139,7 +145,7 @@ class MetaLearner:
                           outer_lr=self.cfg.learner.outer_lr)
         grads, stats = self.rule(records, ctx)
         stats = dict(stats)
-        out = {"kd/grad_norm": self.step(grads)}
+        out = {"kd/grad_norm": self.step(grads, self.kd_opt)}
         loss = stats.pop("loss", None)
         out["kd/loss"] = float(np.mean([r.loss for r in records])) if loss is None else float(loss)
         out.update(stats)
@@ -223,6 +229,8 @@ class MetaLearner:
                  "rng": self.rng.bit_generator.state, "aug_gen": self.aug_gen.get_state(),
                  "torch_rng": torch.get_rng_state(), "meta_updates": self.meta_updates,
                  "best_val": self.best_val, "best_round": self.best_round}
+        if self.kd_opt is not self.opt:
+            state["kd_opt"] = copy.deepcopy(self.kd_opt.state_dict())
         method_state, rule_state = self.method.state_dict(), self.rule.state_dict()
         if method_state is not None:
             state["method"] = method_state
@@ -236,8 +244,11 @@ class MetaLearner:
                 p.copy_(state["params"][n].to(p.device))
         self.best_params = {n: v.to(self.device) for n, v in state["best_params"].items()}
         self.opt.load_state_dict(state["opt"])
-        for group in self.opt.param_groups:   # the config's lr (a PBT-mutated trial restores another's state)
-            group["lr"] = self.cfg.learner.outer_lr
+        if self.kd_opt is not self.opt and "kd_opt" in state:
+            self.kd_opt.load_state_dict(state["kd_opt"])
+        for opt in {id(self.opt): self.opt, id(self.kd_opt): self.kd_opt}.values():
+            for group in opt.param_groups:    # the config's lr (a PBT-mutated trial restores another's state)
+                group["lr"] = self.cfg.learner.outer_lr
         self.bank.load_state_dict(state["bank"])
         self.rng.bit_generator.state = state["rng"]
         self.aug_gen.set_state(state["aug_gen"])
