@@ -19,24 +19,30 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-# row name -> (method, overrides). The first row of a method is its defaults.
+# row name -> (method, overrides). The first row of a method is its defaults; "- <fix>" rows switch one
+# fix off (the engine's behaviour before it), the others vary a method's own option.
 ROWS: dict[str, tuple[str, dict]] = {
     "free": ("free", {}),
+    "free - small alignment step (align.scale 67)": ("free", {"align.scale": 67.0}),
     "free - distinct class plans per architecture": ("free", {"pool.arch_plans": "shared"}),
-    "free - no flips for letters": ("free", {"synth.augment": "crop_flip"}),
     "free - distil through the prototypes": ("free", {"learner.distill_via": "head"}),
     "tgr": ("tgr", {}),
-    "tgr - task-space groups (random groups)": ("tgr", {"tgr.grouping": "random"}),
+    "tgr - small KD step (kd/ce weight 1)": ("tgr", {"learner.kd_weight": 1.0, "learner.ce_weight": 1.0}),
+    "tgr - no BN prior (bn_weight 1)": ("tgr", {"synth.bn_weight": 1.0}),
+    "tgr random groups": ("tgr", {"tgr.grouping": "random"}),
     "tgr igr.eta=0.01": ("tgr", {"igr.eta": 0.01}),
     "tgr igr.eta=0.1": ("tgr", {"igr.eta": 0.1}),
     "purer": ("purer", {}),
-    "purer - harden through the prototypes": ("purer", {"learner.distill_via": "head"}),
+    "purer - 5 data steps from 6 teachers (1 from 2)": ("purer", {"purer.data_steps": 1,
+                                                                  "train.teachers_per_round": 2}),
+    "free - no flips for letters": ("free", {"synth.augment": "crop_flip"}),
 }
 
 
@@ -48,6 +54,8 @@ def main() -> None:
     p.add_argument("--data-root", default="data")
     p.add_argument("--out", default="runs/ablation")
     p.add_argument("--only", default=None, help="comma-separated methods (default: every row)")
+    p.add_argument("--table-only", action="store_true",
+                   help="run nothing: tabulate the finished runs (rows with fewer seeds say so)")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="an option for every row (e.g. train.test_tasks=300 to spend less time on meta-tests)")
@@ -74,18 +82,27 @@ def main() -> None:
     out = Path(args.out).resolve()
     t0 = time.time()
     table = []
-    for name, (method, overrides) in rows.items():
-        per_seed = {}
-        for seed in seeds:
-            run_dir = out / name.replace(" ", "_") / f"seed{seed}"
+
+    def run_dir_of(name: str, seed: int) -> Path:
+        return out / re.sub(r"[^A-Za-z0-9.=-]+", "_", name).strip("_") / f"seed{seed}"
+
+    # Seed-major: every row gets seed 0 before any row gets seed 1, so a stopped ablation is balanced.
+    for seed in ([] if args.table_only else seeds):
+        for name, (method, overrides) in rows.items():
+            run_dir = run_dir_of(name, seed)
             if (run_dir / "results.json").is_file():
-                per_seed[seed] = json.loads((run_dir / "results.json").read_text())
                 continue
             cfg = resolve(args.scenario, method, args.profile,
-                          {"data.data_root": args.data_root, "runtime.workers": args.workers, **shared, **overrides}, seed=seed)
+                          {"data.data_root": args.data_root, "runtime.workers": args.workers, **shared, **overrides},
+                          seed=seed)
             cfg.out = str(run_dir)
-            print(f"[{name}] seed {seed}: running in {run_dir}", flush=True)
-            per_seed[seed] = run_experiment(cfg, progress=False)
+            print(f"[{name}] seed {seed}: running in {run_dir} ({time.time() - t0:.0f}s)", flush=True)
+            run_experiment(cfg, progress=False)
+    for name, (method, overrides) in rows.items():
+        per_seed = {seed: json.loads((run_dir_of(name, seed) / "results.json").read_text())
+                    for seed in seeds if (run_dir_of(name, seed) / "results.json").is_file()}
+        if not per_seed:
+            continue
         long = aggregate(per_seed)
         mine = long[long["model"] == method]
         for _, r in mine.iterrows():
@@ -99,7 +116,9 @@ def main() -> None:
         cell[f"5-way {r['shot']}-shot"] = f"{r['mean']:.1f} ± {r['std']:.1f}"
         rec = "–" if pd.isna(r["recovered_mean"]) else f"{100 * r['recovered_mean']:.0f} ± {100 * (r['recovered_std'] or 0):.0f}%"
         cell[f"recovered {r['shot']}-shot"] = rec
+        cell["seeds"] = int(r["seeds"])
     shown = pd.DataFrame.from_dict(show, orient="index")
+    shown = shown[[c for c in shown.columns if c != "seeds"] + ["seeds"]]
     out.mkdir(parents=True, exist_ok=True)
     df.to_csv(out / "ablation.csv", index=False)
     text = (f"# Fidelity ablation: {args.scenario} {args.profile}, seeds {args.seeds}\n\n{format_markdown(shown)}\n\n"

@@ -102,8 +102,8 @@ class TrainConfig:
     replay_batches: int = 10            # meta-batches of bank replay per round
     bank_per_class: int = 200           # ring size per global class in the task memory bank
     bank_filter: str = "none"           # none | agree (bank only images the teacher labels as intended) | relabel
-    kd_optimizer: str = "shared"        # the per-teacher meta-update's Adam: shared with replay (the seeds) | own
-                                        # (own moments: its gradient's scale cannot shrink the replay steps)
+    kd_optimizer: str = "shared"        # the per-teacher meta-update's Adam moments: shared with replay (the seeds;
+                                        # keep its gradient near replay's scale) | own (cannot shrink replay steps)
     augment: str = "colour"             # augmentation of bank images when the learner uses them (a named prior)
     eval_every: int = 5
     val_tasks: int = 100
