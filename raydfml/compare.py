@@ -41,6 +41,9 @@ SHARED_BASELINES = ("random_init", "teacher_average")
 # every row and runs the meta-test protocol) and the meta-test tasks. Method presets may differ in
 # anything else (synthesizer, aggregation, rounds, ...).
 _SHARED_SECTIONS = ("data.", "pool.", "learner.")
+# ... except the weights of the distillation loss on teacher-labelled tasks: a method's own training
+# choice, never used on real episodes (with-data) or in the meta-test.
+_METHOD_LEARNER_KEYS = ("learner.kd_weight", "learner.ce_weight", "learner.temperature", "learner.distill_via")
 _SHARED_KEYS = ("scenario", "profile", "seed", "train.way", "train.query", "train.test_tasks", "train.test_shots",
                 "train.baselines")
 
@@ -61,7 +64,8 @@ def check_comparable(cfgs: list[ExperimentConfig]) -> None:
     for cfg in cfgs[1:]:
         other = flatten(cfg.to_dict())
         for key in sorted(ref):
-            if (key in _SHARED_KEYS or key.startswith(_SHARED_SECTIONS)) and ref[key] != other.get(key):
+            shared = key in _SHARED_KEYS or (key.startswith(_SHARED_SECTIONS) and key not in _METHOD_LEARNER_KEYS)
+            if shared and ref[key] != other.get(key):
                 raise UserError(f"--method {','.join(names)}: {names[0]} and {cfg.method} differ in {key} "
                                 f"({ref[key]!r} vs {other.get(key)!r}), so their rows would not be comparable; "
                                 f"align them with --set {key}=...")

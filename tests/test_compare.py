@@ -196,6 +196,21 @@ def test_methods_whose_presets_change_the_learner_are_refused(tmp_path):
     assert not (tmp_path / "cmp").exists()
 
 
+def test_methods_may_weigh_their_distillation_loss_differently():
+    """The quick profile scales TGR's KD loss, not FREE's: rows stay comparable (the weights never touch
+    real episodes or the meta-test), while a learner option that does still refuses."""
+    from raydfml.compare import check_comparable
+    from raydfml.config import resolve
+    from raydfml.errors import UserError
+
+    free, tgr = resolve("ma", "free", "quick"), resolve("ma", "tgr", "quick")
+    assert free.learner.kd_weight != tgr.learner.kd_weight
+    check_comparable([free, tgr])
+    tgr.learner.outer_lr = 1e-2
+    with pytest.raises(UserError, match="learner.outer_lr"):
+        check_comparable([free, tgr])
+
+
 @pytest.mark.parametrize("methods,needle", [("deepinv,nope", "'nope'"), ("deepinv,", "empty name"),
                                             ("purer,purer", "purer is listed twice")])
 def test_bad_method_list_gives_one_line_exit_2_and_writes_nothing(data_root, tmp_path, methods, needle):
