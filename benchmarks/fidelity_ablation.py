@@ -37,12 +37,10 @@ ROWS: dict[str, tuple[str, dict]] = {
     "tgr - small KD step (kd/ce weight 1)": ("tgr", {"learner.kd_weight": 1.0, "learner.ce_weight": 1.0}),
     "tgr - no BN prior (bn_weight 1)": ("tgr", {"synth.bn_weight": 1.0}),
     "tgr random groups": ("tgr", {"tgr.grouping": "random"}),
-    "tgr igr.eta=0.01": ("tgr", {"igr.eta": 0.01}),
     "tgr igr.eta=0.1": ("tgr", {"igr.eta": 0.1}),
     "purer": ("purer", {}),
     "purer - 5 data steps from 6 teachers (1 from 2)": ("purer", {"purer.data_steps": 1,
                                                                   "train.teachers_per_round": 2}),
-    "free - no flips for letters": ("free", {"synth.augment": "crop_flip"}),
 }
 
 

@@ -3,7 +3,7 @@ meta-test accuracy it buys, for FREE's meta-generator and for per-task generator
 side in one run.
 
     python benchmarks/free_speed.py [--scenario ma] [--profile quick] [--free-steps 5,15]
-        [--inversion-steps 15,50,200] [--seed 0] [--data-root data] [--out runs/free_speed]
+        [--inversion-steps 15,50,200] [--seed 0] [--data-root data] [--out runs/free_speed] [--set KEY=VALUE]
 
 Rows are complete engine runs on the same pool, data, rounds and teachers per round:
 
@@ -69,7 +69,15 @@ def main() -> None:
     p.add_argument("--data-root", default="data")
     p.add_argument("--out", default="runs/free_speed")
     p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="an option for every row (e.g. train.test_tasks=300)")
     args = p.parse_args()
+    shared = {}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            sys.exit(f"--set {item!r}: expected KEY=VALUE")
+        shared[key.strip()] = value.strip()
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
     import pandas as pd
@@ -89,7 +97,7 @@ def main() -> None:
             results = json.loads((run_dir / "results.json").read_text())
         else:
             cfg = resolve(args.scenario, method, args.profile, {"data.data_root": args.data_root,
-                                                                 "runtime.workers": args.workers, **over}, seed=args.seed)
+                                                                 "runtime.workers": args.workers, **shared, **over}, seed=args.seed)
             cfg.out = str(run_dir)
             print(f"[{name}] running in {run_dir}", flush=True)
             results = run_experiment(cfg, progress=False)
