@@ -13,6 +13,16 @@ without the teachers' data. See README.md and the modules' docstrings:
 - ``raydfml.config``       typed configs; scenario x method x profile resolved in one place
 - ``raydfml.runtime``      TeacherPool and MetaLearner roles, the round loop, in-process or on Ray
 - ``raydfml.experiment``   one experiment end to end (``compare``: several methods; ``tune``: sweeps)
+- ``raydfml.artifact``     a run's meta-model on its own: ``raydfml.load_meta_model(run_dir)``
 """
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # load_meta_model without importing torch-heavy modules on `import raydfml`
+    if name == "load_meta_model":
+        from .artifact import load_meta_model
+
+        return load_meta_model
+    raise AttributeError(f"module 'raydfml' has no attribute {name!r}")

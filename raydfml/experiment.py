@@ -15,6 +15,7 @@ from .config import ExperimentConfig
 from .data.layout import ensure_dataset
 from .diagnostics import class_coverage, gain_recovered
 from .errors import UserError
+from .artifact import save_meta_model
 from .runtime.driver import CHECKPOINT, train
 from .runtime.pool import existing_pool, pool_datasets, prepare_pool
 from .utils import seed_everything
@@ -72,6 +73,7 @@ def run_method(cfg: ExperimentConfig, run_dir: Path, entries, resume: bool = Fal
     try:
         trained = train(cfg, run_dir, report, resume=resume, progress=progress, entries=entries,
                         on_round_end=reporter)
+        save_meta_model(run_dir, trained["best_params"], cfg)      # model.pt + model.json, before results
         results = evaluate(cfg, trained, entries, progress=progress)
         results.update(run_summary(cfg, trained, t_start, run_dir))
         results["coverage"] = class_coverage(cfg, entries)

@@ -17,7 +17,7 @@ LAYERS = [
     {"methods"},
     {"plugins", "config"},
     {"runtime"},
-    {"baselines", "report", "diagnostics"},
+    {"baselines", "report", "diagnostics", "artifact"},
     {"experiment"},
     {"compare", "tune", "seeds"},
     {"cli"},

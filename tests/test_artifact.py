@@ -1,0 +1,72 @@
+"""The run's meta-model as an artifact: model.pt + model.json, used through raydfml.load_meta_model."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import raydfml
+from raydfml.config import resolve
+from raydfml.errors import UserError
+
+
+@pytest.fixture(scope="module")
+def finished_run(smoke_root, tmp_path_factory):
+    from raydfml.experiment import run_experiment
+
+    cfg = resolve("mr", "deepinv", "smoke", {"data.data_root": str(smoke_root), "runtime.workers": 0,
+                                             "train.baselines": "random_init"})
+    cfg.out = str(tmp_path_factory.mktemp("artifact") / "run")
+    results = run_experiment(cfg, progress=False)
+    return cfg, Path(results["run_dir"])
+
+
+def test_model_file_is_the_selected_meta_model_weights_only(finished_run):
+    cfg, run_dir = finished_run
+    state = torch.load(run_dir / "model.pt", map_location="cpu", weights_only=True)
+    best = torch.load(run_dir / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)["meta"]["best_params"]
+    spec = json.loads((run_dir / "model.json").read_text())
+    assert spec["backbone"]["arch"] == cfg.learner.arch and spec["way"] == cfg.train.way
+    assert spec["learner"]["name"] == cfg.learner.name and cfg.data.dataset in spec["normalization"]
+    assert state and all(isinstance(v, torch.Tensor) for v in state.values())
+    assert set(state) == set(best) and all(torch.equal(state[n], best[n].cpu()) for n in state)
+
+
+def test_loaded_model_predicts_as_the_engines_meta_test(finished_run):
+    """Adapting the artifact on raw uint8 support images gives the per-task accuracies of the engine's
+    own meta-test (same parameters, same normalisation, same test-time adaptation)."""
+    from raydfml.data.episodes import EpisodeSampler
+    from raydfml.evaluation import evaluate
+    from raydfml.runtime.parts import build_learner_for, build_meta_model, meta_split
+
+    cfg, run_dir = finished_run
+    split = meta_split(cfg, cfg.data.dataset, "meta_test")
+    model = raydfml.load_meta_model(run_dir)
+    engine = evaluate(build_learner_for(cfg, build_meta_model(cfg)), model.params, split, way=5, shot=5,
+                      query=5, tasks=4, seed=7)
+    sampler = EpisodeSampler(split, way=5, shot=5, query=5, seed=7)
+    mine = []
+    for i in range(4):
+        ep = sampler.episode(i)
+        predicted = model.adapt(ep.support, ep.support_labels).predict(ep.query)
+        assert predicted.shape == ep.query_labels.shape and predicted.max() < 5
+        mine.append(100.0 * (predicted == ep.query_labels).float().mean().item())
+    assert mine == pytest.approx(engine.per_task, abs=1e-6)
+
+
+def test_bad_inputs_and_files_are_one_line_errors(finished_run, tmp_path):
+    _, run_dir = finished_run
+    model = raydfml.load_meta_model(run_dir)
+    x = torch.rand(10, 3, 32, 32)
+    with pytest.raises(UserError, match="cover 0..4"):
+        model.adapt(x, torch.zeros(10, dtype=torch.long))
+    with pytest.raises(UserError, match=r"\[N, C, H, W\]"):
+        model.adapt(torch.rand(10, 32, 32), torch.arange(5).repeat(2))
+    with pytest.raises(UserError, match="does not exist"):
+        raydfml.load_meta_model(tmp_path)
+    (tmp_path / "model.json").write_text((run_dir / "model.json").read_text())
+    (tmp_path / "model.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(UserError, match="not a weights file"):
+        raydfml.load_meta_model(tmp_path)
+    with pytest.raises(UserError, match="not one this model was trained on"):
+        raydfml.load_meta_model(run_dir, dataset="nope")
