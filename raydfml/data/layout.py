@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import sys
 import os
 import time
 import zipfile
@@ -218,7 +219,28 @@ def read_split_csv(csv_path: Path, ddir: Path) -> tuple[list[Path], list[str], l
             paths.append(ddir / row[0])  # an absolute filename stays absolute
             labels.append(row[1])
             lines.append(reader.line_num)
-    return paths, labels, lines
+    return _strip_foreign_prefixes(paths, csv_path, ddir), labels, lines
+
+
+def _strip_foreign_prefixes(paths: list[Path], csv_path: Path, ddir: Path) -> list[Path]:
+    """Rows written on another machine (the seeds' filelist scripts store e.g.
+    ``./DFL2Ldata/cifar100/meta_train/<class>/<file>``) are found by their trailing
+    ``<split>/<class>/<file>`` under the dataset folder; said once per CSV. Rows that exist, or whose
+    trailing part does not exist either, are kept as written (the decoder then names the missing file)."""
+    moved = 0
+    out = []
+    for p in paths:
+        if not p.is_file():
+            parts = p.parts
+            split_at = max((i for i, part in enumerate(parts[:-2]) if part in SPLITS), default=None)
+            if split_at is not None and (candidate := ddir.joinpath(*parts[split_at:])).is_file():
+                p, moved = candidate, moved + 1
+        out.append(p)
+    if moved:
+        example = next(q for q, r in zip(paths, out) if q != r)
+        print(f"{csv_path}: {moved} of {len(paths)} filenames carry another machine's prefix (e.g. {example}); "
+              f"read by their trailing <split>/<class>/<file> under {ddir}", file=sys.stderr)
+    return out
 
 
 # --------------------------------------------------------------------------------------------------

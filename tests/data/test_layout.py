@@ -61,6 +61,23 @@ def test_absolute_filenames_in_csv(tmp_path):
     assert len(load_split(tmp_path, "cifarfs", "meta_test", image_size=8)) == 2 * N_IMG
 
 
+def test_csv_written_on_another_machine_loads_by_trailing_split_class_file(tmp_path, capsys):
+    """The seeds' filelist scripts store that machine's prefix (./DFL2Ldata/cifar100/meta_train/...)."""
+    ddir = make_dataset(tmp_path)
+    csv_path = ddir / "split" / "meta_train.csv"
+    lines = csv_path.read_text().splitlines()
+    csv_path.write_text("\n".join([lines[0]] + [f"./DFL2Ldata/cifar100/{line}" for line in lines[1:]]) + "\n")
+    s = load_split(tmp_path, "cifarfs", "meta_train", image_size=8, use_cache=False)
+    assert s.class_names == ["apple", "kiwi", "mango", "zebra"]
+    assert [int(s.images[r, 0, 0, 0]) for r in s.indices_of(0)] == [_value("apple", i) for i in range(N_IMG)]
+    err = capsys.readouterr().err
+    assert err.count("another machine's prefix") == 1 and f"{4 * N_IMG} of {4 * N_IMG}" in err
+    # a prefixed row whose file exists nowhere is still the one-line "does not exist" error
+    csv_path.write_text(csv_path.read_text() + "./DFL2Ldata/cifar100/meta_train/apple/999.png,apple\n")
+    with pytest.raises(UserError, match="999.png does not exist"):
+        load_split(tmp_path, "cifarfs", "meta_train", image_size=8, use_cache=False)
+
+
 def test_subset(tmp_path):
     make_dataset(tmp_path)
     s = load_split(tmp_path, "cifarfs", "meta_train", image_size=8)
