@@ -45,6 +45,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config value, e.g. learner.inner_lr=0.05 (repeatable)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--plugin", action="append", default=[], metavar="MODULE",
+                   help="import this module first (repeatable): its @register_backbone / @register_method / "
+                        "rule / synthesizer registrations become choices, and reach the Ray workers by value")
     t = p.add_argument_group("sweeps (Ray Tune)")
     t.add_argument("--tune", default=None, metavar="SWEEP.yaml",
                    help="run the sweep in this file (e.g. tune_configs/smoke.yaml) instead of one experiment; "
@@ -97,7 +100,10 @@ def build_config(args: argparse.Namespace, method: str | None = None, seed: int 
 
 
 def main(argv=None) -> int:
+    from raydfml.plugins import import_plugins
+
     args = parse_args(argv)
+    import_plugins(args.plugin)               # before --method is checked: a plug-in may add a method
     methods = method_names(args.method)
     if args.tune:
         from raydfml.errors import UserError

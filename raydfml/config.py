@@ -448,13 +448,14 @@ def validate(cfg: ExperimentConfig) -> None:
             raise UserError(f"config {key}={val}: must be at least 1")
     from .data.registry import get_spec
     from .learners import LEARNERS
-    from .models import ARCHS
+    from .models import BACKBONES
     from .synthesis import SYNTHESIZERS
 
     get_spec(cfg.data.dataset)
     for arch in (*cfg.pool.archs, lc.arch):
-        if arch not in ARCHS:
-            raise UserError(f"config architecture {arch!r}: choose one of {', '.join(ARCHS)}")
+        if arch not in BACKBONES:
+            raise UserError(f"config architecture {arch!r}: choose one of {', '.join(BACKBONES.names())} "
+                            "(or register your own with raydfml.models.register_backbone)")
     if lc.name not in LEARNERS:
         raise UserError(f"config learner.name={lc.name!r}: choose one of {', '.join(LEARNERS)}")
     SYNTHESIZERS.get(cfg.synth.name, option="config synth.name")

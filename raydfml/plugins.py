@@ -1,5 +1,5 @@
-"""Parts registered outside the package (a method, a rule or a synthesizer defined in the user's own
-script or test module) reach the Ray workers with the config.
+"""Parts registered outside the package (a method, a rule, a synthesizer or a backbone defined in the
+user's own script, plug-in or test module) reach the Ray workers with the config.
 
 Ray pickles what it sends with cloudpickle, which pickles a class by reference (module and name)
 when its module can be imported. A user's module usually cannot be imported on a worker (a script,
@@ -18,17 +18,19 @@ PACKAGE = "raydfml."
 def _registries() -> dict[str, Any]:
     from .aggregation import RULES
     from .methods import METHODS
+    from .models import BACKBONES
     from .synthesis import SYNTHESIZERS
 
-    return {r.kind: r for r in (METHODS, RULES, SYNTHESIZERS)}
+    return {r.kind: r for r in (METHODS, RULES, SYNTHESIZERS, BACKBONES)}
 
 
 def user_parts(cfg) -> list[tuple[str, str, Any]]:
     """``(registry kind, name, object)`` for each part ``cfg`` names that was registered outside the package."""
     regs = _registries()
     out = []
-    for kind, name in (("method", cfg.method), ("aggregation rule", cfg.aggregate.rule),
-                       ("synthesizer", cfg.synth.name)):
+    named = [("method", cfg.method), ("aggregation rule", cfg.aggregate.rule), ("synthesizer", cfg.synth.name)]
+    named += [("backbone", arch) for arch in dict.fromkeys((*cfg.pool.archs, cfg.learner.arch))]
+    for kind, name in named:
         obj = regs[kind].get(name)
         module = getattr(obj, "__module__", "") or ""
         if not module.startswith(PACKAGE):
@@ -55,4 +57,18 @@ def _pickle_by_value(module: str) -> None:
     cloudpickle.register_pickle_by_value(mod)
 
 
-__all__ = ["install", "user_parts"]
+def import_plugins(modules) -> None:
+    """Import the user's plug-in modules (``launch.py --plugin my_pkg.models``): their registrations
+    run here, and what the config names of them is shipped to the workers by value."""
+    import importlib
+
+    from .errors import UserError
+
+    for module in modules or ():
+        try:
+            importlib.import_module(module)
+        except ImportError as e:
+            raise UserError(f"--plugin {module}: cannot import it ({e}); is it on PYTHONPATH?") from None
+
+
+__all__ = ["import_plugins", "install", "user_parts"]

@@ -12,6 +12,8 @@ import math
 import torch
 from torch import nn
 
+from .registry import register_backbone
+
 
 class Conv4(nn.Module):
     def __init__(self, num_classes: int = 5, image_size: int = 32, width: float = 1.0,
@@ -50,3 +52,10 @@ class Conv4(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.forward_features(x))
+
+
+@register_backbone("conv4")
+def conv4(num_classes: int = 5, image_size: int = 32, width: float = 1.0, track_bn_stats: bool = True,
+          adaptive_pool: bool = False, **_: object) -> Conv4:
+    return Conv4(num_classes, image_size=image_size, width=width, adaptive_pool=adaptive_pool,
+                 track_bn_stats=track_bn_stats)

@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .registry import register_backbone
+
 
 def _bn(c: int, track: bool) -> nn.BatchNorm2d:
     return nn.BatchNorm2d(c, track_running_stats=track)
@@ -90,13 +92,16 @@ class ResNet(nn.Module):
         return self.classifier(self.forward_features(x))
 
 
+@register_backbone("resnet10")
 def resnet10(num_classes: int = 5, width: float = 1.0, track_bn_stats: bool = True, **_: object) -> ResNet:
     return ResNet(BasicBlock, [1, 1, 1, 1], [64, 128, 256, 512], num_classes, width, track_bn_stats)
 
 
+@register_backbone("resnet18")
 def resnet18(num_classes: int = 5, width: float = 1.0, track_bn_stats: bool = True, **_: object) -> ResNet:
     return ResNet(BasicBlock, [2, 2, 2, 2], [64, 128, 256, 512], num_classes, width, track_bn_stats)
 
 
+@register_backbone("resnet50")
 def resnet50(num_classes: int = 5, width: float = 1.0, track_bn_stats: bool = True, **_: object) -> ResNet:
     return ResNet(Bottleneck, [3, 4, 6, 3], [256, 512, 1024, 2048], num_classes, width, track_bn_stats)

@@ -26,7 +26,7 @@ from ..data.layout import ImageSplit, ensure_dataset, load_split
 from ..data.registry import get_spec
 from ..data.transforms import normalize
 from ..errors import UserError
-from ..models import ARCHS, build_model
+from ..models import BACKBONES, build_model
 from ..utils import atomic_path, sha256_file
 from .manifest import TeacherRecord, read_manifest, write_manifest
 
@@ -55,8 +55,8 @@ class ZooConfig:
     optimizer: str = "seeds"
 
     def validate(self) -> None:
-        if self.arch not in ARCHS:
-            raise UserError(f"--arch {self.arch!r}: unknown architecture; choose one of {', '.join(ARCHS)}")
+        if self.arch not in BACKBONES:
+            raise UserError(f"--arch {self.arch!r}: unknown architecture; choose one of {', '.join(BACKBONES.names())}")
         if self.optimizer not in ("seeds", "adam"):
             raise UserError(f"--optimizer {self.optimizer!r}: choose seeds or adam")
         if self.policy not in POLICIES:
