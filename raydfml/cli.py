@@ -26,7 +26,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         f"{', '.join(f'{s} {m}' for s, m in DEFAULT_METHOD.items())}); several, comma-separated "
                         "(e.g. deepinv,purer), train each on the same pool and print one comparison table")
     p.add_argument("--profile", default="quick", help=f"compute budget: {', '.join(PROFILES)} (default quick)")
-    p.add_argument("--dataset", default=None, help="dataset (default: glyphs, generated when missing)")
+    p.add_argument("--dataset", default=None, help="dataset name (default: glyphs, generated when missing), or the path of "
+                                               "your own folder in the seeds' layout (meta_train/<class>/<images>, ...)")
     p.add_argument("--data-root", default=None, help="root of datasets in the seeds' layout (default ./data)")
     p.add_argument("--zoo-dir", default=None, help="teacher zoo directory (default <data-root>/zoo/<derived>)")
     p.add_argument("--out", default=None, help="run directory (default runs/<scenario>-<method>-<profile>-s<seed>; "

@@ -416,6 +416,10 @@ def resolve(scenario: str = "mr", method: str | None = "deepinv", profile: str =
         if section != rule and part_owner(section) == "aggregation rule":
             del merged[key]
     apply_overrides(cfg, merged)
+    from .data.folder import absolute_name   # a folder dataset is named by its absolute path, for every process
+
+    cfg.data.dataset = absolute_name(cfg.data.dataset)
+    cfg.data.domains = tuple(absolute_name(d) for d in cfg.data.domains)
     if cfg.data.domains:
         cfg.data.dataset = cfg.data.domains[0]
     if cfg.synth.augment == "auto":
@@ -451,7 +455,10 @@ def validate(cfg: ExperimentConfig) -> None:
     from .models import BACKBONES
     from .synthesis import SYNTHESIZERS
 
+    from .data.folder import check_ways
+
     get_spec(cfg.data.dataset)
+    check_ways(cfg.data.domains or (cfg.data.dataset,), pool_way=cfg.pool.way, train_way=cfg.train.way)
     for arch in (*cfg.pool.archs, lc.arch):
         if arch not in BACKBONES:
             raise UserError(f"config architecture {arch!r}: choose one of {', '.join(BACKBONES.names())} "

@@ -18,9 +18,8 @@ from pathlib import Path
 
 from ..errors import UserError, run_cli
 from ..utils import atomic_path
+from .folder import IMAGE_SUFFIXES
 from .registry import SPLITS, get_spec, known_datasets
-
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
 
 Rows = list[tuple[str, str]]
 

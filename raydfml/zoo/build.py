@@ -259,5 +259,5 @@ def default_zoo_dir(data_root: str | Path, cfg: ZooConfig) -> Path:
     if cfg.optimizer != "seeds" and cfg.arch != "conv4":      # conv4 trains with Adam either way
         width += f"-{cfg.optimizer}"
     plans = f"-p{cfg.plan_offset}" if cfg.plan_offset else ""
-    return Path(data_root) / "zoo" / (f"{cfg.dataset}-{cfg.arch}{width}-{cfg.way}way-{cfg.policy}-n{cfg.num}{plans}"
+    return Path(data_root) / "zoo" / (f"{get_spec(cfg.dataset).slug}-{cfg.arch}{width}-{cfg.way}way-{cfg.policy}-n{cfg.num}{plans}"
                                       f"-s{cfg.seed}-e{cfg.epochs}")
