@@ -30,7 +30,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                                                "your own folder in the seeds' layout (meta_train/<class>/<images>, ...)")
     p.add_argument("--data-root", default=None, help="root of datasets in the seeds' layout (default ./data)")
     p.add_argument("--zoo-dir", default=None, help="teacher zoo directory (default <data-root>/zoo/<derived>)")
-    p.add_argument("--out", default=None, help="run directory (default runs/<scenario>-<method>-<profile>-s<seed>; "
+    p.add_argument("--out", default=None, help="run directory (default runs/<scenario>-<method>-<profile>-s<seed>-<hash of the options>; "
                                                "for several methods runs/compare-<scenario>-<profile>-s<seed>)")
     p.add_argument("--workers", type=int, default=None, help="TeacherPool actors on Ray; 0 runs in-process (default 2)")
     p.add_argument("--device", default=None, help="auto | cpu | cuda (default auto)")

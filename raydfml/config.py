@@ -135,7 +135,7 @@ class ExperimentConfig:
     method: str = "deepinv"
     profile: str = "quick"
     seed: int = 0
-    out: str | None = None              # run directory; None: runs/<scenario>-<method>-<profile>-s<seed>
+    out: str | None = None              # run directory; None: runs/<scenario>-<method>-<profile>-s<seed>-<hash>
     data: DataConfig = field(default_factory=DataConfig)
     pool: PoolConfig = field(default_factory=PoolConfig)
     synth: SynthConfig = field(default_factory=SynthConfig)

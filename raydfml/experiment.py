@@ -7,6 +7,7 @@ checkpoints while running exactly the loop ``launch.py`` runs.
 """
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Callable
@@ -14,25 +15,20 @@ from typing import Callable
 from .config import ExperimentConfig
 from .data.layout import ensure_dataset
 from .diagnostics import class_coverage, gain_recovered
-from .errors import UserError
 from .artifact import save_meta_model
-from .runtime.driver import CHECKPOINT, train
+from .rundir import RunLock, check_run_dir, default_run_dir
+from .report import RESULTS_FILE
+from .runtime.driver import train
 from .runtime.pool import existing_pool, pool_datasets, prepare_pool
 from .utils import seed_everything
 
 
-def default_run_dir(cfg: ExperimentConfig) -> Path:
-    return Path("runs") / f"{cfg.scenario}-{cfg.method}-{cfg.profile}-s{cfg.seed}"
-
-
 def run_dir_for(cfg: ExperimentConfig, resume: bool = False) -> Path:
-    """The run directory of ``cfg`` (``cfg.out`` or the default), checked against ``resume``:
-    a fresh run refuses a finished directory, a resumed one needs its checkpoint."""
+    """The run directory of ``cfg`` (``cfg.out`` or the default), checked against ``resume``
+    (:func:`raydfml.rundir.check_run_dir`: a fresh run refuses any used directory, a resumed one
+    needs its checkpoint and the options it was started with)."""
     run_dir = Path(cfg.out).resolve() if cfg.out else default_run_dir(cfg).resolve()
-    if not resume and (run_dir / "results.json").exists():
-        raise UserError(f"--out {run_dir}: a finished run is already there; choose another --out or delete it")
-    if resume and not (run_dir / CHECKPOINT).is_file():
-        raise UserError(f"--resume: no checkpoint at {run_dir / CHECKPOINT}")
+    check_run_dir(run_dir, cfg, resume)
     return run_dir
 
 
@@ -69,6 +65,11 @@ def run_method(cfg: ExperimentConfig, run_dir: Path, entries, resume: bool = Fal
 
     t_start = time.time() if t_start is None else t_start
     evaluate = evaluate_final if evaluate is None else evaluate
+    with RunLock(run_dir):                       # one process writes a run directory at a time
+        return _run_locked(cfg, run_dir, entries, resume, progress, evaluate, t_start, reporter, RunReport)
+
+
+def _run_locked(cfg, run_dir, entries, resume, progress, evaluate, t_start, reporter, RunReport) -> dict:
     report = RunReport(run_dir, cfg.to_dict(), resume=resume)
     try:
         trained = train(cfg, run_dir, report, resume=resume, progress=progress, entries=entries,
@@ -90,6 +91,9 @@ def run_experiment(cfg: ExperimentConfig, resume: bool = False, progress: bool =
     t_start = time.time()
     seed_everything(cfg.seed)
     run_dir = run_dir_for(cfg, resume)
+    if resume and (run_dir / RESULTS_FILE).is_file():      # finished earlier: nothing to redo, nothing deleted
+        print(f"{run_dir}: this run finished earlier; its results are in {run_dir / RESULTS_FILE}", flush=True)
+        return json.loads((run_dir / RESULTS_FILE).read_text())
     entries = prepare_experiment(cfg, resume, progress)
     return run_method(cfg, run_dir, entries, resume=resume, progress=progress, t_start=t_start)
 

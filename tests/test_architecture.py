@@ -17,7 +17,7 @@ LAYERS = [
     {"methods"},
     {"plugins", "config"},
     {"runtime"},
-    {"baselines", "report", "diagnostics", "artifact"},
+    {"baselines", "report", "diagnostics", "artifact", "rundir"},
     {"experiment"},
     {"compare", "tune", "seeds"},
     {"cli"},
