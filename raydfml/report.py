@@ -384,13 +384,19 @@ class RunReport:
             raise ValueError(f"results lack required keys: {', '.join(missing)}")
         results = _jsonable(dict(results))
         results.setdefault("baselines", {})
-        _write_text(self.run_dir / "results.md", _results_markdown(results))
-        with atomic_path(self.run_dir / "results.csv") as tmp:
+        # results.md/.csv are written under hidden names and take their names only after results.json:
+        # no results table ever sits in a run directory that has no results.json.
+        staged = {self.run_dir / "results.md": self.run_dir / ".results.md.staged",
+                  self.run_dir / "results.csv": self.run_dir / ".results.csv.staged"}
+        _write_text(staged[self.run_dir / "results.md"], _results_markdown(results))
+        with atomic_path(staged[self.run_dir / "results.csv"]) as tmp:
             results_long(results).to_csv(tmp, index=False)
         self.plot_meta_val()
         if self.writer is not None:
             self.writer.add_text("results", format_markdown(results_table(results)), self.last_round or 0)
         _write_text(self.results_path, json.dumps(results, indent=2, sort_keys=False, allow_nan=False) + "\n")
+        for final, tmp in staged.items():
+            os.replace(tmp, final)
         self.close()
 
     def close(self) -> None:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from .config import ExperimentConfig, flatten
 from .errors import UserError
-from .runtime.driver import CHECKPOINT
+from .runtime.driver import CHECKPOINT, PREVIOUS
 
 RESULTS = "results.json"
 LOCK = ".lock"
@@ -53,7 +53,7 @@ def option_differences(stored: dict, cfg: ExperimentConfig) -> list[str]:
 def check_run_dir(run_dir: Path, cfg: ExperimentConfig, resume: bool) -> None:
     """Refuse (one-line UserError, nothing touched) a directory this run must not write."""
     if resume:
-        if not (run_dir / CHECKPOINT).is_file():
+        if not any((run_dir / c).is_file() for c in (CHECKPOINT, PREVIOUS)):
             raise UserError(f"--resume: no checkpoint at {run_dir / CHECKPOINT}")
         try:
             stored = json.loads((run_dir / "config.json").read_text())
@@ -69,7 +69,7 @@ def check_run_dir(run_dir: Path, cfg: ExperimentConfig, resume: bool) -> None:
     if (run_dir / RESULTS).exists():
         raise UserError(f"--out {run_dir}: a finished run is already there; choose another --out or delete it")
     if run_dir.is_dir() and any(p.name != LOCK for p in run_dir.iterdir()):
-        if (run_dir / "config.json").exists() or (run_dir / CHECKPOINT).exists():
+        if (run_dir / "config.json").exists() or (run_dir / "checkpoints").exists():
             raise UserError(f"--out {run_dir}: an unfinished run is there; add --resume to continue it "
                             "or choose another --out")
         raise UserError(f"--out {run_dir}: a non-empty folder that is not a run directory; choose a new or "

@@ -61,7 +61,31 @@ def atomic_path(path: str | os.PathLike):
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         yield tmp
+        fsync_file(tmp)               # the bytes are on disk before the name points at them
         os.replace(tmp, path)
+        fsync_dir(path.parent)        # ... and so is the rename
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def fsync_file(path: str | os.PathLike) -> None:
+    if Path(path).is_file():
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:                   # (platforms without directory fds)
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

@@ -97,3 +97,23 @@ def test_default_names_tell_experiments_apart(smoke_root, tmp_path):
     assert default_run_dir(a) != default_run_dir(_cfg(smoke_root, None, **{"learner.outer_lr": 0.01}))
     assert default_run_dir(a) != default_run_dir(_cfg(tmp_path, None))            # another --data-root
     assert default_run_dir(a).name.startswith("mr-deepinv-smoke-s0-")
+
+
+def test_a_torn_last_checkpoint_falls_back_to_the_previous_one(unfinished, smoke_root, tmp_path, capsys):
+    import shutil
+
+    from raydfml.experiment import run_experiment
+    from raydfml.runtime.driver import load_checkpoint
+
+    run = tmp_path / "run"
+    shutil.copytree(unfinished, run)
+    last = run / "checkpoints" / "last.pt"
+    assert load_checkpoint(run)["round"] == 1 and (run / "checkpoints" / "previous.pt").is_file()
+    last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])            # a torn write
+    (run / "checkpoints" / ".last.pt.tmp-99999").write_bytes(b"left by a killed writer")
+    assert load_checkpoint(run)["round"] == 0
+    assert "resuming from" in capsys.readouterr().err
+    results = run_experiment(_cfg(smoke_root, run), resume=True, progress=False)
+    assert results["meta_updates"] > 0 and load_checkpoint(run)["round"] == _cfg(smoke_root, run).train.rounds - 1
+    assert not list((run / "checkpoints").glob(".last.pt.tmp-*"))
+    assert not list(run.glob(".results.*.staged")) and (run / "results.md").is_file()

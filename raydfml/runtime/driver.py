@@ -9,6 +9,8 @@ Whole experiments (data, pool, evaluation, run directories) are :mod:`raydfml.ex
 from __future__ import annotations
 
 import contextlib
+import os
+import sys
 import time
 from pathlib import Path
 
@@ -26,21 +28,43 @@ from .executor import TeacherBatch
 from .pool import round_teachers
 
 CHECKPOINT = "checkpoints/last.pt"
+PREVIOUS = "checkpoints/previous.pt"    # the one before: what a resume falls back to if last.pt is torn
 
 
 def save_checkpoint(run_dir: Path, round_idx: int, meta_state: dict) -> None:
-    with atomic_path(Path(run_dir) / CHECKPOINT) as tmp:
+    """Write the checkpoint (fsynced), keeping the previous one. Temporary files of a killed earlier
+    writer are removed (one process writes a run directory: ``raydfml.rundir.RunLock``)."""
+    last, previous = Path(run_dir) / CHECKPOINT, Path(run_dir) / PREVIOUS
+    for stale in last.parent.glob(f".{last.name}.tmp-*"):
+        stale.unlink(missing_ok=True)
+    with atomic_path(last.with_name("next.pt")) as tmp:
         torch.save({"round": round_idx, "meta": meta_state}, tmp)
+    if last.is_file():
+        os.replace(last, previous)
+    os.replace(last.with_name("next.pt"), last)
+
+
+def _read(path: Path) -> dict | None:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:
+        return None
+    return state if isinstance(state, dict) and "meta" in state and "round" in state else None
 
 
 def load_checkpoint(run_dir: Path) -> dict:
-    path = Path(run_dir) / CHECKPOINT
-    if not path.is_file():
-        raise UserError(f"--resume: no checkpoint at {path}")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise UserError(f"{path}: cannot read checkpoint ({type(exc).__name__}); start without --resume") from None
+    """The last checkpoint, or the previous one (said on stderr) when the last is missing or torn."""
+    last, previous = Path(run_dir) / CHECKPOINT, Path(run_dir) / PREVIOUS
+    for path in (last, last.with_name("next.pt"), previous):
+        state = _read(path) if path.is_file() else None
+        if state is not None:
+            if path != last:
+                print(f"{last} is missing or unreadable; resuming from {path} (round {state['round']})",
+                      file=sys.stderr)
+            return state
+    if not last.is_file() and not previous.is_file():
+        raise UserError(f"--resume: no checkpoint at {last}")
+    raise UserError(f"{last}: cannot read checkpoint (nor {previous.name}); start without --resume")
 
 
 class Round:
