@@ -164,11 +164,31 @@ def _train_task(images: np.ndarray, labels: np.ndarray, classes: tuple[int, ...]
     return train_teacher(images, labels, classes, cfg, seed, worker_device())
 
 
-def _is_current(rec: TeacherRecord, zoo_dir: Path, cfg: ZooConfig, classes: tuple[int, ...], size: int) -> bool:
+def _plan_difference(rec: TeacherRecord, cfg: ZooConfig, classes: tuple[int, ...], size: int) -> str | None:
+    """What differs between a manifest record and the teacher this build would train in its place."""
+    want = {"dataset": cfg.dataset, "arch": cfg.arch, "width": cfg.width, "classes": classes,
+            "epochs": cfg.epochs, "seed": cfg.seed, "image_size": size}
+    for key, value in want.items():
+        if getattr(rec, key) != value:
+            return f"{key} {getattr(rec, key)!r} there, {value!r} in this plan"
+    return None
+
+
+def _reusable(rec: TeacherRecord, zoo_dir: Path, cfg: ZooConfig, classes: tuple[int, ...], size: int) -> bool:
+    """True: the recorded teacher is this plan's; False: its file is missing (an interrupted build:
+    train it). A teacher of another plan, or a file that no longer matches its checksum, is never
+    retrained over: the user's files are not ours to overwrite (a one-line UserError says what to do)."""
     path = zoo_dir / rec.file
-    return (rec.dataset == cfg.dataset and rec.arch == cfg.arch and rec.width == cfg.width
-            and rec.classes == classes and rec.epochs == cfg.epochs and rec.seed == cfg.seed
-            and rec.image_size == size and path.is_file() and sha256_file(path) == rec.sha256)
+    diff = _plan_difference(rec, cfg, classes, size)
+    if diff is not None and path.is_file():
+        raise UserError(f"zoo {zoo_dir} holds teachers of another plan (teacher {rec.teacher_id}: {diff}); "
+                        "choose another --zoo-dir, or delete that folder to rebuild it")
+    if not path.is_file():
+        return False
+    if sha256_file(path) != rec.sha256:
+        raise UserError(f"zoo {zoo_dir}: {rec.file} does not match the sha256 in manifest.csv (changed or "
+                        "replaced since it was trained); restore it, or delete it to retrain that teacher")
+    return True
 
 
 def build_zoo(cfg: ZooConfig, zoo_dir: str | Path, data_root: str | Path, workers: int = 1,
@@ -194,7 +214,7 @@ def build_zoo(cfg: ZooConfig, zoo_dir: str | Path, data_root: str | Path, worker
     todo = []
     for tid, classes in enumerate(plans):
         rec = existing.get(tid)
-        if rec is not None and _is_current(rec, zoo_dir, cfg, classes, size):
+        if rec is not None and _reusable(rec, zoo_dir, cfg, classes, size):
             records[tid] = rec
         else:
             todo.append((tid, classes))

@@ -91,6 +91,9 @@ def build_teacher_module(record: TeacherRecord) -> nn.Module:
 def load_teacher_state(zoo_dir: str | Path, record: TeacherRecord, verify: bool = True) -> dict[str, torch.Tensor]:
     """Read a teacher's state dict, checking its checksum and that it fits the manifest's architecture."""
     path = Path(zoo_dir) / record.file
+    if not path.resolve().is_relative_to(Path(zoo_dir).resolve()):
+        raise UserError(f"{Path(zoo_dir) / 'manifest.csv'}: teacher {record.teacher_id}'s file {record.file!r} is "
+                        "outside the zoo folder; a manifest names files inside it")
     if not path.is_file():
         raise UserError(f"{path}: teacher file listed in the manifest is missing")
     if verify and sha256_file(path) != record.sha256:
@@ -99,6 +102,8 @@ def load_teacher_state(zoo_dir: str | Path, record: TeacherRecord, verify: bool 
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise UserError(f"{path}: cannot load teacher weights ({type(exc).__name__})") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError(f"{path}: holds a {type(state).__name__}, not a state dict of tensor weights")
     module = build_teacher_module(record)
     try:
         module.load_state_dict(state, strict=True)

@@ -76,6 +76,37 @@ def test_file_of_another_architecture_is_refused(zoo, tmp_path):
     rec = dataclasses.replace(records[0], file=str(path), sha256=sha256_file(path))
     with pytest.raises(UserError, match="architecture 'conv4'"):
         load_teacher(tmp_path, rec)
+    torch.save(torch.zeros(3), path)                                   # a tensor, not a state dict
+    with pytest.raises(UserError, match="holds a Tensor, not a state dict"):
+        load_teacher(tmp_path, dataclasses.replace(rec, sha256=sha256_file(path)))
+    with pytest.raises(UserError, match="outside the zoo folder"):
+        load_teacher(tmp_path / "zoo", dataclasses.replace(rec, file="../resnet.pt"))
+
+
+def test_build_never_retrains_over_a_changed_file_or_another_plans_zoo(zoo, glyph_root, tmp_path):
+    """Tried as a user would: a replaced teacher file was silently retrained over, and a zoo of another
+    plan rebuilt in place. Both are refused now and the files stay as they are."""
+    import dataclasses
+    import shutil
+
+    cfg, zoo_dir, records = zoo
+    replaced = tmp_path / "replaced"
+    shutil.copytree(zoo_dir, replaced)
+    with open(replaced / records[1].file, "ab") as f:
+        f.write(b"the user's own bytes")
+    content = (replaced / records[1].file).read_bytes()
+    with pytest.raises(UserError, match="does not match the sha256 in manifest.csv"):
+        build_zoo(cfg, replaced, glyph_root, workers=0, progress=False)
+    assert (replaced / records[1].file).read_bytes() == content
+    other = tmp_path / "other"
+    shutil.copytree(zoo_dir, other)
+    before = {p.name: p.read_bytes() for p in other.iterdir()}
+    with pytest.raises(UserError, match="teachers of another plan .*epochs 12 there, 13 in this plan"):
+        build_zoo(dataclasses.replace(cfg, epochs=13), other, glyph_root, workers=0, progress=False)
+    assert {p.name: p.read_bytes() for p in other.iterdir()} == before
+    (replaced / records[1].file).unlink()                 # a missing file (interrupted build) is retrained
+    again = build_zoo(cfg, replaced, glyph_root, workers=0, progress=False)
+    assert again[1].sha256 == records[1].sha256
 
 
 def test_cli_rejects_unknown_names_in_one_line(tmp_path):
