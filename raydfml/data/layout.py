@@ -18,9 +18,10 @@ Editing image files in place without touching the CSV is not detected: delete ``
 from __future__ import annotations
 
 import csv
+import hashlib
 import logging
-import sys
 import os
+import sys
 import time
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
@@ -310,6 +311,18 @@ def _decode_all(paths: list[Path], size: int, csv_path: Path, lines: list[int], 
 # Cache
 
 
+def _files_fingerprint(paths: list[Path]) -> str:
+    """A hash of each file's size and modification time (a missing file counts as such)."""
+    h = hashlib.sha256()
+    for p in paths:
+        try:
+            st = os.stat(p)
+            h.update(f"{st.st_size}:{st.st_mtime_ns};".encode())
+        except OSError:
+            h.update(b"missing;")
+    return h.hexdigest()[:16]
+
+
 def _cache_path(ddir: Path, split: str, size: int) -> Path:
     return ddir / ".cache" / f"{split}_{size}.npz"
 
@@ -379,16 +392,18 @@ def load_split(root: str | os.PathLike, name: str, split: str, image_size: int |
         raise UserError(f"split CSV {csv_path} does not exist; write it with "
                         f"`{_filelist_command(spec.name, root)}`")
 
-    key = f"v{CACHE_VERSION}:{sha256_file(csv_path)}"
+    paths, names, lines = read_split_csv(csv_path, ddir)
+    if not paths:
+        raise UserError(f"split CSV {csv_path} lists no images (empty split)")
+    # The cache is keyed by the CSV *and* every listed file's size and mtime: an image replaced or
+    # truncated after the first run is decoded again (and its error reported), not served stale.
+    key = f"v{CACHE_VERSION}:{sha256_file(csv_path)}:{_files_fingerprint(paths)}"
     cache = _cache_path(ddir, split, size)
     cached = _read_cache(cache, key) if use_cache else None
     if cached is not None:
         images, labels, class_names = cached
         return ImageSplit(images, labels, class_names, spec, split)
 
-    paths, names, lines = read_split_csv(csv_path, ddir)
-    if not paths:
-        raise UserError(f"split CSV {csv_path} lists no images (empty split)")
     class_names = sorted(set(names))
     class_id = {c: i for i, c in enumerate(class_names)}
     labels = np.fromiter((class_id[n] for n in names), dtype=np.int64, count=len(names))

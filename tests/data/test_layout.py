@@ -108,6 +108,16 @@ def test_second_load_uses_cache_and_csv_change_invalidates(tmp_path, monkeypatch
     assert third.class_names == ["apple", "kiwi", "mango"] and len(third) == 3 * N_IMG
 
 
+def test_an_image_truncated_after_the_first_load_is_noticed(tmp_path):
+    """Tried as a user would: the stale cache served the old pixels and the run exited 0."""
+    ddir = make_dataset(tmp_path)
+    load_split(tmp_path, "cifarfs", "meta_val", image_size=8)
+    victim = ddir / "meta_val" / "owl" / "002.png"
+    victim.write_bytes(victim.read_bytes()[:40])
+    with pytest.raises(UserError, match=r"002.png: corrupt or unreadable"):
+        load_split(tmp_path, "cifarfs", "meta_val", image_size=8)
+
+
 def test_unreadable_cache_is_rebuilt(tmp_path):
     ddir = make_dataset(tmp_path)
     load_split(tmp_path, "cifarfs", "meta_val", image_size=8)
