@@ -355,18 +355,18 @@ def _check_partition(groups: Sequence[Sequence[int]], m: int) -> None:
 
 
 def save_groups(path: str | os.PathLike, groups: Sequence[Sequence[int]], *, teacher_ids: Sequence[int] | None = None,
-                similarity: Tensor | np.ndarray | None = None, **meta) -> Path:
+                similarity: Tensor | np.ndarray | None = None, identity: dict | None = None, **meta) -> Path:
     """Write the groups (row indices) as JSON, atomically (temp file + rename: a killed run never
     leaves half a cache). ``teacher_ids`` (the pool's teacher ids in row order) lets ``load_groups``
     detect a cache from another pool; ``similarity`` (rounded to 6 decimals) and ``meta`` are kept
-    for reports."""
+    for reports. ``identity`` (e.g. the teachers' checksums and the grouping options) must match on load."""
     m = len(teacher_ids) if teacher_ids is not None else sum(len(g) for g in groups)
     _check_partition(groups, m)
     doc = {"version": 1, "n_teachers": m, "groups": [[int(i) for i in g] for g in groups],
            "teacher_ids": None if teacher_ids is None else [int(t) for t in teacher_ids],
            "similarity": None if similarity is None else np.round(np.asarray(
                similarity.detach().cpu() if isinstance(similarity, Tensor) else similarity, dtype=float), 6).tolist(),
-           "meta": meta}
+           "identity": identity, "meta": meta}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -375,14 +375,17 @@ def save_groups(path: str | os.PathLike, groups: Sequence[Sequence[int]], *, tea
     return path
 
 
-def load_groups(path: str | os.PathLike, teacher_ids: Sequence[int] | None = None) -> list[list[int]] | None:
+def load_groups(path: str | os.PathLike, teacher_ids: Sequence[int] | None = None,
+                identity: dict | None = None) -> list[list[int]] | None:
     """The cached groups, or None when there is no cache or it belongs to another pool (its
-    ``teacher_ids`` differ from the given ones): then recompute and ``save_groups`` again."""
+    ``teacher_ids`` or ``identity`` differ from the given ones): then recompute and ``save_groups`` again."""
     path = Path(path)
     if not path.is_file():
         return None
     doc = json.loads(path.read_text())
     if teacher_ids is not None and doc.get("teacher_ids") != [int(t) for t in teacher_ids]:
+        return None
+    if identity is not None and doc.get("identity") != json.loads(json.dumps(identity)):
         return None
     groups = [[int(i) for i in g] for g in doc["groups"]]
     _check_partition(groups, int(doc["n_teachers"]))

@@ -125,7 +125,12 @@ class TaskGroups:
         if self._groups is not None and self._formed_at == epoch:
             return self._groups
         ids = [e.index for e in self.entries]
-        groups = load_groups(self._path(epoch), teacher_ids=ids)
+        # Keyed by what the teachers are (their checksums), not their positions in the pool, and by
+        # the options that shape the groups: a cache of another pool or grouping is recomputed.
+        o = self.options
+        identity = {"teachers": [self.entries[i].record.sha256 for i in ids], "groups": o.groups, "probe": o.probe,
+                    "grouping": o.grouping, "seed": self.cfg.seed}
+        groups = load_groups(self._path(epoch), teacher_ids=ids, identity=identity)
         if groups is None:
             t0 = time.perf_counter()
             batch = rnd.on_teachers("embed", ids, epoch, self.options.probe)
@@ -137,7 +142,7 @@ class TaskGroups:
             groups = heterogeneous_groups(sim, n, seed=self.cfg.seed)
             if self.options.grouping == "random":
                 groups = random_regrouping(groups, seed=self.cfg.seed)
-            save_groups(self._path(epoch), groups, teacher_ids=ids, similarity=sim,
+            save_groups(self._path(epoch), groups, teacher_ids=ids, similarity=sim, identity=identity,
                         archs=[self.entries[i].record.arch for i in ids], seconds=round(time.perf_counter() - t0, 2))
             log.info("TGR groups (epoch %d): %s", epoch, groups)
         self._groups, self._formed_at = groups, epoch

@@ -32,6 +32,16 @@ def test_tgr_groups_cover_the_pool_and_are_cached(ma_pool, tmp_path):
     assert cached.groups(5, _NoEmbedding()) == groups
     tids = cached.round_teachers(3, _NoEmbedding())
     assert set(tids) <= set(groups[cached.round_group(3, _NoEmbedding())]) and len(set(tids)) == len(tids)
+    # keyed by the teachers' identity: the same positions holding other teachers re-embed
+    import dataclasses
+
+    swapped = [dataclasses.replace(e, record=dataclasses.replace(e.record, sha256="0" * 64)) if i == 0 else e
+               for i, e in enumerate(entries)]
+    try:
+        TaskGroups(cfg, swapped, tmp_path).groups(0, _NoEmbedding())
+        raise RuntimeError("a cache of other teachers was reused")
+    except AssertionError as e:
+        assert "cache" in str(e)
 
 
 def test_random_regrouping_keeps_the_sizes_and_every_teacher():
