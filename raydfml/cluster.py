@@ -27,7 +27,18 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None, num_gpus
             kwargs["num_cpus"] = num_cpus
         if num_gpus is not None:
             kwargs["num_gpus"] = num_gpus
-    ray.init(**kwargs)
+    try:
+        ray.init(**kwargs)
+    except (ConnectionError, RuntimeError, ValueError, OSError) as exc:
+        # A bad --address, a port in use, a full temp dir: say so in one line, with what to try.
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        where = f"--address {address}" if address else "a local Ray instance"
+        hint = ("check that the cluster is up (`ray status`) and the address is right" if address else
+                "check free disk space in the temp dir (RAY_TMPDIR) and that no stale Ray holds its ports "
+                "(`ray stop`), or run in-process with --workers 0")
+        from .errors import UserError
+
+        raise UserError(f"Ray did not start ({where}): {first}; {hint}") from None
     return ray
 
 

@@ -127,3 +127,23 @@ def test_smoke_scenario_runs_teacher_pools_on_both_nodes(tmp_path, tmp_path_fact
         assert set(per_round) == set(res["nodes"]), "TeacherPool actors did not run on both nodes"
     assert {r["shot"] for r in res["meta_test"]} == {1, 5}
     assert json.loads((tmp_path / "run" / "results.json").read_text())["meta_test"]
+
+
+def test_ray_failing_to_start_is_one_line_that_says_what_to_try(monkeypatch):
+    import ray
+
+    from raydfml.cluster import ensure_ray
+    from raydfml.errors import UserError
+
+    def refuse(**kwargs):
+        raise ConnectionError("Could not find any running Ray instance.\nPlease specify the one to connect to.")
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", refuse)
+    with pytest.raises(UserError) as err:
+        ensure_ray(address="10.0.0.9:6379")
+    msg = str(err.value)
+    assert "\n" not in msg and "--address 10.0.0.9:6379" in msg and "ray status" in msg
+    monkeypatch.setattr(ray, "init", lambda **k: (_ for _ in ()).throw(OSError(28, "No space left on device")))
+    with pytest.raises(UserError, match="local Ray instance.*No space left.*--workers 0"):
+        ensure_ray()
