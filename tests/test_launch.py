@@ -89,6 +89,35 @@ def test_teacher_pool_actor_killed_mid_run_is_replaced(smoke_root, ray_session, 
     assert pd.read_csv(tmp_path / "run" / "metrics.csv")["round"].tolist() == list(range(cfg.train.rounds))
 
 
+def test_meta_learner_killed_mid_run_is_replaced_from_its_checkpoint(smoke_root, ray_session, tmp_path):
+    """Fault injection: the MetaLearner actor dies after round 1's checkpoint; the run replaces it,
+    reloads the checkpoint and ends with exactly the parameters of an uninterrupted run."""
+    import ray
+    import torch
+
+    from raydfml.report import RunReport
+    from raydfml.runtime.driver import train
+    from raydfml.runtime.pool import existing_pool
+
+    cfg = _cfg(smoke_root, tmp_path / "run", "--workers", "2")
+    killed = []
+
+    def kill_meta(r, metrics, executor):
+        if r == 1 and not killed:
+            ray.kill(executor.meta, no_restart=True)
+            killed.append(r)
+
+    outs = {}
+    for name, hook in (("clean", None), ("killed", kill_meta)):
+        report = RunReport(tmp_path / name, cfg.to_dict())
+        outs[name] = train(cfg, tmp_path / name, report, progress=False, entries=existing_pool(cfg), on_round_end=hook)
+        report.close()
+    assert killed == [1] and outs["killed"]["actors_replaced"] >= 1
+    assert pd.read_csv(tmp_path / "killed" / "metrics.csv")["round"].tolist() == list(range(cfg.train.rounds))
+    clean, recovered = outs["clean"]["best_params"], outs["killed"]["best_params"]
+    assert all(torch.equal(clean[n], recovered[n]) for n in clean)
+
+
 def test_sigkill_then_resume_continues_from_checkpoint(smoke_root, tmp_path):
     out = tmp_path / "run"
     rounds = ["--set", "train.rounds=12", "--workers", "0"]

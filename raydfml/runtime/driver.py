@@ -9,6 +9,7 @@ Whole experiments (data, pool, evaluation, run directories) are :mod:`raydfml.ex
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import sys
 import time
@@ -26,6 +27,8 @@ from ..records import TeacherRecord, merge
 from ..utils import atomic_path
 from .executor import TeacherBatch
 from .pool import round_teachers
+
+log = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoints/last.pt"
 PREVIOUS = "checkpoints/previous.pt"    # the one before: what a resume falls back to if last.pt is torn
@@ -147,15 +150,51 @@ def train(cfg: ExperimentConfig, run_dir: Path, report, resume: bool = False, pr
             executor.shutdown()   # release the actors' resources for the evaluation tasks
 
 
+MAX_META_RESTARTS = 2      # a MetaLearner that dies is replaced from the last checkpoint at most this often
+
+
+def _from_checkpoint(ex, run_dir: Path, report) -> int:
+    """Load the last checkpoint into the MetaLearner; the round to continue at (0 without one)."""
+    if not any((Path(run_dir) / c).is_file() for c in (CHECKPOINT, PREVIOUS)):
+        if report is not None:
+            report.truncate(after_round=-1)
+        return 0
+    ck = load_checkpoint(run_dir)
+    ex.get(ex.call(ex.meta, "load_state_dict", ck["meta"]))
+    if report is not None:
+        report.truncate(after_round=int(ck["round"]))
+    return int(ck["round"]) + 1
+
+
 def _round_loop(cfg, run_dir: Path, report, resume, progress, executor, entries, on_round_end) -> dict:
-    ex, ml = executor, executor.meta
+    """Rounds from the start (or the checkpoint); a MetaLearner actor that dies mid-run is replaced
+    and the run continues from its last checkpoint, as a --resume would."""
+    from ray.exceptions import RayActorError
+
+    ex = executor
     start = 0
     if resume:
-        ck = load_checkpoint(run_dir)
-        ex.get(ex.call(ml, "load_state_dict", ck["meta"]))
-        start = int(ck["round"]) + 1
-        report.truncate(after_round=int(ck["round"]))
-        print(f"resuming from the checkpoint of round {ck['round']}: continuing at round {start}", flush=True)
+        start = _from_checkpoint(ex, run_dir, report)
+        print(f"resuming from the checkpoint of round {start - 1}: continuing at round {start}", flush=True)
+    restarts = 0
+    while True:
+        try:
+            return _rounds(cfg, run_dir, report, start, progress, ex, entries, on_round_end)
+        except RayActorError:
+            if not hasattr(ex, "restart_meta") or ex.meta_alive():
+                raise
+            if restarts == MAX_META_RESTARTS:
+                raise RuntimeError(f"the MetaLearner actor died {restarts + 1} times; giving up (see the Ray logs "
+                                   f"for why); `--resume` continues from {Path(run_dir) / CHECKPOINT}") from None
+            restarts += 1
+            log.warning("the MetaLearner actor died; replacing it and continuing from the last checkpoint")
+            print("the MetaLearner actor died: replaced, continuing from the last checkpoint", file=sys.stderr)
+            ex.restart_meta()
+            start = _from_checkpoint(ex, run_dir, report)
+
+
+def _rounds(cfg, run_dir: Path, report, start: int, progress, ex, entries, on_round_end) -> dict:
+    ml = ex.meta
     tr = cfg.train
     method, rule = create_method(cfg), build_rule(cfg)     # the driver's side: the round plan
     bar = tqdm(range(start, tr.rounds), initial=start, total=tr.rounds, desc=f"{cfg.method} rounds",

@@ -104,7 +104,8 @@ class RayExecutor:
         if strategy.lower() == "spread":          # one TeacherPool per node where possible (multi-node runs)
             self._pool_opts["scheduling_strategy"] = "SPREAD"
         self._pool_cls = ray.remote(TeacherPool)
-        self.meta = ray.remote(MetaLearner).options(num_cpus=cpus, num_gpus=gpus).remote(cfg.for_workers(), pool_classes)
+        self._meta_opts, self._pool_classes = dict(num_cpus=cpus, num_gpus=gpus), pool_classes
+        self.meta = ray.remote(MetaLearner).options(**self._meta_opts).remote(cfg.for_workers(), pool_classes)
         self.pools = [self._new_pool() for _ in range(max(1, rt.workers))]
         self.replaced = 0
         self._wait_until_scheduled([self.meta, *self.pools])
@@ -119,6 +120,26 @@ class RayExecutor:
                             f"scheduled within {timeout_s:.0f}s on a cluster with {res.get('CPU', 0):g} CPUs and "
                             f"{res.get('GPU', 0):g} GPUs; lower --workers or runtime.actor_cpus")
         self.ray.get(ready)
+
+    def meta_alive(self, timeout_s: float = 30.0) -> bool:
+        try:
+            ready, _ = self.ray.wait([self.meta.ping.remote()], timeout=timeout_s)
+            return bool(ready) and bool(self.ray.get(ready[0]))
+        except Exception:
+            return False
+
+    def restart_meta(self) -> None:
+        """A fresh MetaLearner actor in place of a dead one (the driver then loads its checkpoint)."""
+        from .meta_learner import MetaLearner
+
+        try:
+            self.ray.kill(self.meta)
+        except Exception:
+            pass
+        self.meta = self.ray.remote(MetaLearner).options(**self._meta_opts).remote(self.cfg.for_workers(),
+                                                                                 self._pool_classes)
+        self.replaced += 1
+        self._wait_until_scheduled([self.meta])
 
     def _new_pool(self):
         return self._pool_cls.options(**self._pool_opts).remote(self.cfg.for_workers(), self.entries)
@@ -158,6 +179,8 @@ class RayExecutor:
                     parts.append(records_ref)
                     break
                 except RayActorError:
+                    if not self.meta_alive(timeout_s=10):
+                        raise            # the MetaLearner died (its refs are lost): the driver replaces it
                     if attempt == MAX_ATTEMPTS:
                         raise RuntimeError(f"TeacherPool actor {i} died {MAX_ATTEMPTS} times in round {round_idx}; "
                                            "giving up (see the Ray logs for why)") from None
