@@ -43,9 +43,13 @@ def run_summary(cfg: ExperimentConfig, trained: dict, t_start: float, run_dir: P
 def prepare_experiment(cfg: ExperimentConfig, resume: bool = False, progress: bool = True) -> list:
     """Data on disk, Ray started (when ``runtime.workers > 0``) and the teacher pool: what every
     method run on ``cfg``'s scenario shares. Returns the pool's entries."""
+    from .runtime.parts import meta_split
+
     data_root = Path(cfg.data.data_root).resolve()
     for dataset in pool_datasets(cfg):          # md: every domain (data.dataset is domains[0])
         ensure_dataset(data_root, dataset)
+        for split in ("meta_val", "meta_test"):  # read (and cached) now: a bad image fails before training
+            meta_split(cfg, dataset, split)
     if cfg.runtime.workers > 0:
         from .cluster import ensure_ray
 

@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 from .config import ExperimentConfig, flatten
 from .errors import UserError
 from .runtime.driver import CHECKPOINT, PREVIOUS
+from .utils import exclusive_lock
 
 RESULTS = "results.json"
 LOCK = ".lock"
@@ -81,32 +81,17 @@ class RunLock:
 
     def __init__(self, run_dir: Path):
         self.path = Path(run_dir) / LOCK
-        self._fd: int | None = None
+        self._held = None
 
     def __enter__(self) -> "RunLock":
-        import fcntl
-
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
-            os.close(fd)
-            raise UserError(f"--out {self.path.parent}: another run (pid {holder}) is writing it; wait for it "
-                            "or choose another --out") from None
-        os.ftruncate(fd, 0)
-        os.write(fd, str(os.getpid()).encode())
-        self._fd = fd
+        self._held = exclusive_lock(self.path, f"--out {self.path.parent}")
+        self._held.__enter__()
         return self
 
     def __exit__(self, *exc) -> None:
-        import fcntl
-
-        if self._fd is not None:
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
-            os.close(self._fd)
-            self._fd = None
+        if self._held is not None:
+            self._held.__exit__(*exc)
+            self._held = None
 
 
 __all__ = ["RunLock", "check_run_dir", "config_hash", "default_run_dir", "option_differences"]

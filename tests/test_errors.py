@@ -51,3 +51,20 @@ def test_a_missing_meta_val_split_on_ray_is_one_line_and_exit_2(smoke_root, tmp_
     assert proc.returncode == 2 and len(lines) == 1 and "meta_val.csv" in lines[0], proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "run" / "results.json").exists()
+
+
+def test_a_corrupt_meta_test_image_fails_before_any_training(smoke_root, tmp_path):
+    """Tried as a user would: the meta-test split was first read after all training."""
+    from raydfml.config import resolve
+    from raydfml.experiment import run_experiment
+
+    root = tmp_path / "root"
+    shutil.copytree(smoke_root, root)
+    shutil.rmtree(root / "glyphs-smoke" / ".cache", ignore_errors=True)
+    victim = sorted((root / "glyphs-smoke" / "meta_test").rglob("*.png"))[3]
+    victim.write_bytes(b"not a png")
+    cfg = resolve("mr", "deepinv", "smoke", {"data.data_root": str(root), "runtime.workers": 0})
+    cfg.out = str(tmp_path / "run")
+    with pytest.raises(UserError, match=f"{victim.name}: corrupt or unreadable"):
+        run_experiment(cfg, progress=False)
+    assert not (tmp_path / "run" / "checkpoints").exists()

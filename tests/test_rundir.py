@@ -71,7 +71,7 @@ def test_an_unrelated_folder_is_never_used(tmp_path, smoke_root):
 
 def test_one_process_writes_a_run_directory_at_a_time(tmp_path):
     with RunLock(tmp_path / "run"):
-        with pytest.raises(UserError, match="another run .* is writing it"):
+        with pytest.raises(UserError, match="another process .* is writing it"):
             with RunLock(tmp_path / "run"):
                 pass
     with RunLock(tmp_path / "run"):          # released: usable again

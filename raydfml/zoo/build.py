@@ -27,7 +27,7 @@ from ..data.registry import get_spec
 from ..data.transforms import normalize
 from ..errors import UserError
 from ..models import BACKBONES, build_model
-from ..utils import atomic_path, sha256_file
+from ..utils import atomic_path, exclusive_lock, sha256_file
 from .manifest import TeacherRecord, read_manifest, write_manifest
 
 POLICIES = ("disjoint", "random")
@@ -202,6 +202,12 @@ def build_zoo(cfg: ZooConfig, zoo_dir: str | Path, data_root: str | Path, worker
     cfg.validate()
     zoo_dir = Path(zoo_dir).resolve()
     zoo_dir.mkdir(parents=True, exist_ok=True)
+    with exclusive_lock(zoo_dir / ".lock", f"zoo {zoo_dir}"):      # two builds never interleave manifests
+        return _build_zoo(cfg, zoo_dir, data_root, workers, device, progress, split)
+
+
+def _build_zoo(cfg: ZooConfig, zoo_dir: Path, data_root, workers: int, device: str, progress: bool,
+               split: ImageSplit | None) -> list[TeacherRecord]:
     spec = get_spec(cfg.dataset)
     size = cfg.image_size or spec.image_size
     if split is None:

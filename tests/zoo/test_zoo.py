@@ -117,3 +117,13 @@ def test_cli_rejects_unknown_names_in_one_line(tmp_path):
         lines = proc.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0]
         assert not (tmp_path / "z" / "manifest.csv").exists()
+
+
+def test_two_builds_of_one_zoo_never_interleave(zoo, glyph_root):
+    from raydfml.utils import exclusive_lock
+
+    cfg, zoo_dir, records = zoo
+    with exclusive_lock(zoo_dir / ".lock", "held by this test"):
+        with pytest.raises(UserError, match=r"zoo .*another process \(pid \d+\) is writing it"):
+            build_zoo(cfg, zoo_dir, glyph_root, workers=0, progress=False)
+    assert build_zoo(cfg, zoo_dir, glyph_root, workers=0, progress=False) == records
