@@ -29,7 +29,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dataset", default=None, help="dataset name (default: glyphs, generated when missing), or the path of "
                                                "your own folder in the seeds' layout (meta_train/<class>/<images>, ...)")
     p.add_argument("--data-root", default=None, help="root of datasets in the seeds' layout (default ./data)")
-    p.add_argument("--zoo-dir", default=None, help="teacher zoo directory (default <data-root>/zoo/<derived>)")
+    p.add_argument("--zoo-dir", default=None, help="teacher zoo directory (default <data-root>/zoo/<derived>); with several "
+                                               "architectures or domains (ma, md), one sub-folder per zoo inside it")
     p.add_argument("--out", default=None, help="run directory (default runs/<scenario>-<method>-<profile>-s<seed>-<hash of the options>; "
                                                "for several methods runs/compare-<scenario>-<profile>-s<seed>)")
     p.add_argument("--workers", type=int, default=None, help="TeacherPool actors on Ray; 0 runs in-process (default 2)")

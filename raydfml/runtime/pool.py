@@ -84,11 +84,14 @@ def zoo_config(cfg: ExperimentConfig, arch: str, dataset: str | None = None) -> 
 
 
 def zoo_dir_for(cfg: ExperimentConfig, zcfg: ZooConfig) -> Path:
-    """``--zoo-dir`` when the pool is a single zoo (one dataset, one architecture), else a derived
-    directory per (dataset, architecture) under ``<data_root>/zoo``."""
-    if cfg.pool.zoo_dir and len(cfg.pool.archs) == 1 and len(pool_datasets(cfg)) == 1:
-        return Path(cfg.pool.zoo_dir).resolve()
-    return default_zoo_dir(Path(cfg.data.data_root).resolve(), zcfg)
+    """``--zoo-dir`` itself when the pool is a single zoo (one dataset, one architecture); for several
+    (ma, md) one derived sub-folder per (dataset, architecture) inside ``--zoo-dir``; without it, the
+    derived folders under ``<data_root>/zoo``."""
+    derived = default_zoo_dir(Path(cfg.data.data_root).resolve(), zcfg)
+    if not cfg.pool.zoo_dir:
+        return derived
+    base = Path(cfg.pool.zoo_dir).resolve()
+    return base if len(cfg.pool.archs) == 1 and len(pool_datasets(cfg)) == 1 else base / derived.name
 
 
 def pool_zoos(cfg: ExperimentConfig) -> list[tuple[ZooConfig, Path, int]]:

@@ -57,9 +57,11 @@ def test_zoo_config_and_dir_take_the_dataset(md_pool, tmp_path):
     dirs = {d: zoo_dir_for(cfg, zoo_config(cfg, "conv4", d)) for d in DOMAINS}
     assert dirs[DOMAINS[0]] != dirs[DOMAINS[1]] and all(d in str(p) for d, p in dirs.items())
     assert zoo_config(cfg, "conv4").dataset == cfg.data.dataset == DOMAINS[0]
-    # --zoo-dir names a single zoo; with two domains each keeps its derived directory
+    # --zoo-dir names a single zoo; with two domains it holds one derived sub-folder per zoo
     many = _cfg(cfg.data.data_root, **{"pool.zoo_dir": str(tmp_path / "z")})
-    assert zoo_dir_for(many, zoo_config(many, "conv4", DOMAINS[1])) == dirs[DOMAINS[1]]
+    assert zoo_dir_for(many, zoo_config(many, "conv4", DOMAINS[1])) == (tmp_path / "z").resolve() / dirs[DOMAINS[1]].name
+    ma = resolve("ma", "free", "smoke", {"data.data_root": str(tmp_path), "pool.zoo_dir": str(tmp_path / "z")})
+    assert {zoo_dir_for(ma, zoo_config(ma, a)).parent for a in ma.pool.archs} == {(tmp_path / "z").resolve()}
     one = resolve("mr", "deepinv", "smoke", {"data.data_root": str(tmp_path), "pool.zoo_dir": str(tmp_path / "z")})
     assert zoo_dir_for(one, zoo_config(one, "conv4")) == (tmp_path / "z").resolve()
 
