@@ -38,7 +38,36 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def parse_import_args(argv) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m raydfml.zoo import",
+        description="Turn a folder of your teacher checkpoints (plain state dicts of a registered backbone, the "
+                    "seeds' {'teacher', 'specific'} files, or torchvision-style ResNets) into a zoo with a "
+                    "manifest; runs then use it with --zoo-dir and never train over it.")
+    p.add_argument("src", help="folder of *.pt / *.pth teacher checkpoints")
+    p.add_argument("--zoo-dir", required=True, help="the zoo folder to write (new, or an earlier import)")
+    p.add_argument("--arch", required=True, help="the teachers' backbone (a registered name, e.g. conv4)")
+    p.add_argument("--width", type=float, default=1.0, help="channel width multiplier of the backbone (default 1)")
+    p.add_argument("--dataset", default="glyphs", help="the dataset whose meta-train classes they know (name or folder)")
+    p.add_argument("--data-root", default="data", help="dataset root in the seeds' layout (default ./data)")
+    p.add_argument("--classes", default=None,
+                   help="CSV 'file,classes' (classes ';'-separated) or JSON {file: [classes]}: each teacher's "
+                        "classes as meta-train class names or ids (the seeds' files carry them already)")
+    return p.parse_args(argv)
+
+
 def main(argv=None) -> int:
+    import sys
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["import"]:
+        from .importer import import_teachers
+
+        a = parse_import_args(argv[1:])
+        records = import_teachers(a.src, a.zoo_dir, a.dataset, a.arch, Path(a.data_root).resolve(),
+                                  width=a.width, classes_file=a.classes)
+        print(f"zoo: {len(records)} imported teachers in {Path(a.zoo_dir).resolve()}; use it with --zoo-dir")
+        return 0
     args = parse_args(argv)
     cfg = ZooConfig(dataset=args.dataset, arch=args.arch, num=args.num, way=args.way, policy=args.policy,
                     seed=args.seed, epochs=args.epochs or EPOCHS_BY_PROFILE[args.profile], width=args.width,

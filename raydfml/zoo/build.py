@@ -215,7 +215,10 @@ def _build_zoo(cfg: ZooConfig, zoo_dir: Path, data_root, workers: int, device: s
         split = load_split(data_root, cfg.dataset, "meta_train", image_size=size)
     plans = plan_classes(cfg, split.num_classes)
 
-    existing = {r.teacher_id: r for r in read_manifest(zoo_dir, missing_ok=True)}
+    manifest = read_manifest(zoo_dir, missing_ok=True)
+    if manifest and all(r.seed == -1 and r.epochs == 0 for r in manifest):
+        return sorted(manifest, key=lambda r: r.teacher_id)     # imported teachers: used as they are
+    existing = {r.teacher_id: r for r in manifest}
     records: dict[int, TeacherRecord] = {}
     todo = []
     for tid, classes in enumerate(plans):
