@@ -47,6 +47,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config value, e.g. learner.inner_lr=0.05 (repeatable)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--config", default=None, metavar="RUN.yaml",
+                   help="launch options from a YAML file (keys as the options without dashes, e.g. scenario: ma, "
+                        "set: {train.rounds: 24}); options on the command line win")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config (YAML) and exit")
     p.add_argument("--plugin", action="append", default=[], metavar="MODULE",
                    help="import this module first (repeatable): its @register_backbone / @register_method / "
                         "rule / synthesizer registrations become choices, and reach the Ray workers by value")
@@ -56,7 +60,59 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "with --resume, continue an interrupted sweep")
     t.add_argument("--num-samples", type=int, default=None, help="samples per grid point (overrides the sweep file)")
     t.add_argument("--storage", default=None, help="directory for sweep results (default ./runs/tune; made absolute)")
-    return p.parse_args(argv)
+    argv = list(argv) if argv is not None else None
+    first = p.parse_args(argv)
+    if first.config:
+        p.set_defaults(**_config_file_defaults(p, first.config))
+        first = p.parse_args(argv)
+    first.explicit = _explicit_options(p, argv)
+    return first
+
+
+def _explicit_options(p: argparse.ArgumentParser, argv) -> set[str]:
+    """Destinations the user gave on the command line or in --config (for --tune's refusal)."""
+    import sys
+
+    given = set()
+    for tok in (sys.argv[1:] if argv is None else argv):
+        if tok.startswith("--"):
+            for action in p._actions:
+                if tok.split("=", 1)[0] in action.option_strings:
+                    given.add(action.dest)
+    defaults = {a.dest: a.default for a in p._actions}
+    return given | {d for d, v in p._defaults.items() if d in defaults and v != defaults.get(d)}
+
+
+def _config_file_defaults(p: argparse.ArgumentParser, path: str) -> dict:
+    """``--config RUN.yaml``: a mapping of launch options; unknown keys are one-line errors."""
+    import yaml
+
+    from raydfml.errors import UserError
+
+    try:
+        with open(path) as f:
+            doc = yaml.safe_load(f) or {}
+    except OSError as e:
+        raise UserError(f"--config {path}: cannot read it ({e.strerror})") from None
+    except yaml.YAMLError as e:
+        raise UserError(f"--config {path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(doc, dict):
+        raise UserError(f"--config {path}: expected a mapping of launch options, got {type(doc).__name__}")
+    dests = {a.dest: a for a in p._actions if a.dest not in ("help", "config")}
+    out = {}
+    for key, value in doc.items():
+        dest = str(key).replace("-", "_")
+        if dest not in dests:
+            raise UserError(f"--config {path}: unknown option {key!r}; choose from "
+                            f"{', '.join(sorted(d.replace('_', '-') for d in dests))}")
+        if dest == "set":
+            if not isinstance(value, dict):
+                raise UserError(f"--config {path}: 'set' must be a mapping of config keys to values")
+            value = [f"{k}={','.join(map(str, v)) if isinstance(v, list) else v}" for k, v in value.items()]
+        elif dest == "plugin" and isinstance(value, str):
+            value = [value]
+        out[dest] = value
+    return out
 
 
 def method_names(value: str | None) -> list[str | None]:
@@ -111,6 +167,12 @@ def main(argv=None) -> int:
         from raydfml.errors import UserError
         from raydfml.tune import run_sweep
 
+        ignored = sorted(args.explicit & {"scenario", "method", "profile", "out", "workers", "seed", "print_config"})
+        if ignored:
+            raise UserError(f"--tune {args.tune}: {', '.join('--' + d.replace('_', '-') for d in ignored)} would be "
+                            "ignored (the sweep file sets them; --set, --dataset, --data-root, --zoo-dir, --device "
+                            "apply to every trial)")
+
         if args.seeds is not None:
             raise UserError("--seeds with --tune: make seed a dimension of the sweep's space instead "
                             "(space: {seed: {grid: [0, 1, 2]}})")
@@ -132,6 +194,11 @@ def main(argv=None) -> int:
     from raydfml.experiment import run_experiment
 
     cfg = build_config(args, methods[0])
+    if args.print_config:
+        import yaml
+
+        print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+        return 0
     results = run_experiment(cfg, resume=args.resume, progress=not args.quiet)
     domains = domain_tables(results)
     print(("mean over domains\n" if domains else "") + results_table(results).to_string())
@@ -154,6 +221,11 @@ def compare(args: argparse.Namespace, methods: list[str]) -> int:
     from raydfml.compare import comparison_table
 
     cfgs = [build_config(args, m) for m in methods]     # every config error surfaces before any work
+    if args.print_config:
+        import yaml
+
+        print(yaml.safe_dump_all([c.to_dict() for c in cfgs], sort_keys=False), end="")
+        return 0
     comparison = run_comparison(cfgs, out_dir=args.out, resume=args.resume, progress=not args.quiet)
     print(comparison_table(comparison).to_string())
     print(f"\ncomparison directory: {comparison['out']}  (wall {comparison['wall_s']:.0f}s; one run directory "

@@ -70,3 +70,25 @@ def test_bad_inputs_and_files_are_one_line_errors(finished_run, tmp_path):
         raydfml.load_meta_model(tmp_path)
     with pytest.raises(UserError, match="not one this model was trained on"):
         raydfml.load_meta_model(run_dir, dataset="nope")
+
+
+def test_the_model_is_used_without_the_engines_training_code(finished_run, tmp_path):
+    """A fresh interpreter loads, adapts and predicts; no runtime, method, synthesis, config or Ray module
+    is imported on the way."""
+    import subprocess
+    import sys
+
+    _, run_dir = finished_run
+    script = f"""
+import sys, torch, raydfml
+model = raydfml.load_meta_model({str(run_dir)!r})
+support = torch.randint(0, 256, (10, 3, 48, 48), dtype=torch.uint8)         # another size: resized
+pred = model.adapt(support, torch.arange(5).repeat(2)).predict(torch.rand(7, 1, 32, 32))   # grey: 3 channels
+assert pred.shape == (7,) and int(pred.max()) < 5
+training = [m for m in sys.modules if m == "ray" or m.startswith(("raydfml.runtime", "raydfml.methods",
+            "raydfml.synthesis", "raydfml.experiment", "raydfml.config", "raydfml.zoo", "ray."))]
+assert not training, training
+print("ok")
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]

@@ -70,11 +70,12 @@ def test_broken_folders_are_one_line_errors(tmp_path, breakage, needle):
 
 
 @pytest.mark.e2e
-def test_launch_on_a_users_folder_3_way(tmp_path):
+def test_launch_on_a_users_folder_3_way_on_ray(tmp_path):
+    """The folder's spec reaches the Ray actors (they find it by its absolute path)."""
     ddir = write_folder(tmp_path / "mine")
     env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
     cmd = [sys.executable, str(REPO / "launch.py"), "--scenario", "mr", "--profile", "smoke", "--quiet",
-           "--workers", "0", "--dataset", str(ddir), "--data-root", str(tmp_path / "root"),
+           "--workers", "2", "--dataset", str(ddir), "--data-root", str(tmp_path / "root"),
            "--out", str(tmp_path / "run"), "--set", "train.way=3", "--set", "pool.way=3",
            "--set", "train.baselines=random_init,with_data"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)

@@ -105,3 +105,29 @@ def test_cli_import(trained, glyph_root, tmp_path):
                           str(tmp_path / "z9"), "--arch", "conv4", "--data-root", str(glyph_root)],
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and bad.stderr.strip().startswith("error: import:")
+
+
+@pytest.mark.e2e
+def test_a_run_on_imported_torchvision_style_teachers(glyph_root, tmp_path):
+    """Two torchvision-named ResNet files become a zoo; a smoke run uses them through --zoo-dir."""
+    from raydfml.config import resolve
+    from raydfml.experiment import run_experiment
+
+    src = tmp_path / "tv"
+    src.mkdir()
+    classes = {}
+    for i, cls in enumerate(([0, 1, 2, 3, 4], [5, 6, 7, 8, 9])):
+        torch.manual_seed(i)
+        torch.save(_ours_to_torchvision(build_model("resnet10", num_classes=5, width=0.125).state_dict()),
+                   src / f"r{i}.pth")
+        classes[f"r{i}.pth"] = cls
+    (src / "classes.json").write_text(json.dumps(classes))
+    zoo = tmp_path / "zoo"
+    import_teachers(src, zoo, "glyphs", "resnet10", glyph_root, width=0.125, classes_file=src / "classes.json")
+    cfg = resolve("mr", "deepinv", "smoke", {"data.data_root": str(glyph_root), "runtime.workers": 0,
+                                             "pool.archs": "resnet10", "pool.width": 0.125, "pool.zoo_dir": str(zoo),
+                                             "train.baselines": "random_init", "train.test_tasks": 5})
+    cfg.out = str(tmp_path / "run")
+    results = run_experiment(cfg, progress=False)
+    assert results["meta_updates"] > 0 and results["coverage"]
+    assert {r.file for r in read_manifest(zoo)} == {"teacher_0000.pt", "teacher_0001.pt"}
