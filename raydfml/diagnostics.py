@@ -67,3 +67,31 @@ def recovered_line(recovered: Mapping[str, Mapping[str, float]]) -> str:
 
 
 __all__ = ["REFERENCES", "class_coverage", "coverage_line", "gain_recovered", "recovered_line"]
+
+
+def provenance(cfg, entries) -> dict:
+    """What produced a run: package version, git commit (when the package is in a git checkout; "+dirty"
+    with uncommitted changes), dataset(s), backbones, learner and each zoo manifest's sha256."""
+    import subprocess
+    from pathlib import Path
+
+    from . import __version__
+    from .utils import sha256_file
+
+    repo = Path(__file__).resolve().parents[1]
+    commit = None
+    try:
+        head = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+        if head.returncode == 0:
+            dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+                                   capture_output=True, text=True, timeout=5).stdout.strip()
+            commit = head.stdout.strip() + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        pass
+    zoos = sorted({e.zoo_dir for e in entries})
+    return {"version": __version__, "git_commit": commit,
+            "dataset": list(cfg.data.domains) or [cfg.data.dataset],
+            "backbones": {"teachers": list(cfg.pool.archs), "meta_model": cfg.learner.arch},
+            "learner": cfg.learner.name,
+            "zoos": {z: (sha256_file(Path(z) / "manifest.csv") if (Path(z) / "manifest.csv").is_file() else None)
+                     for z in zoos}}

@@ -14,7 +14,7 @@ from typing import Callable
 
 from .config import ExperimentConfig
 from .data.layout import ensure_dataset
-from .diagnostics import class_coverage, gain_recovered
+from .diagnostics import class_coverage, gain_recovered, provenance
 from .artifact import save_meta_model
 from .rundir import RunLock, check_run_dir, default_run_dir
 from .report import RESULTS_FILE
@@ -82,6 +82,7 @@ def _run_locked(cfg, run_dir, entries, resume, progress, evaluate, t_start, repo
         results = evaluate(cfg, trained, entries, progress=progress)
         results.update(run_summary(cfg, trained, t_start, run_dir))
         results["coverage"] = class_coverage(cfg, entries)
+        results["provenance"] = provenance(cfg, entries)
         if results.get("meta_test"):
             results["recovered"] = gain_recovered(results["meta_test"], results.get("baselines") or {})
         report.finish(results)

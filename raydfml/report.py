@@ -197,6 +197,11 @@ def _results_markdown(results: Mapping) -> str:
             lines += ["", f"## {domain} (its meta_test split)", "", format_markdown(table)]
         lines.append("")
     lines += _diagnostic_lines(results)
+    prov = results.get("provenance")
+    if prov:
+        lines.append(f"Dataset {', '.join(prov['dataset'])}; teachers {', '.join(prov['backbones']['teachers'])}; "
+                     f"meta-model {prov['backbones']['meta_model']} with {prov['learner']}; raydfml {prov['version']}"
+                     + (f" at {prov['git_commit'][:12]}" if prov.get("git_commit") else "") + ".")
     if "wall_s" in results:
         lines.append(f"Wall time: {float(results['wall_s']):.1f} s.")
     return "\n".join(lines) + "\n"

@@ -20,7 +20,7 @@ LAYERS = [
     {"baselines", "report", "diagnostics", "artifact", "rundir"},
     {"experiment"},
     {"compare", "tune", "seeds"},
-    {"cli"},
+    {"cli", "__main__"},
 ]
 
 

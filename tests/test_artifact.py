@@ -92,3 +92,17 @@ print("ok")
 """
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
+
+
+def test_results_record_their_provenance(finished_run):
+    import raydfml
+
+    cfg, run_dir = finished_run
+    prov = json.loads((run_dir / "results.json").read_text())["provenance"]
+    assert prov["version"] == raydfml.__version__ and prov["dataset"] == [cfg.data.dataset]
+    assert prov["backbones"] == {"teachers": list(cfg.pool.archs), "meta_model": cfg.learner.arch}
+    assert prov["learner"] == cfg.learner.name
+    assert prov["zoos"] and all(len(h) == 64 for h in prov["zoos"].values())
+    assert prov["git_commit"] is None or len(prov["git_commit"].split("+")[0]) == 40
+    md = (run_dir / "results.md").read_text()
+    assert f"Dataset {cfg.data.dataset}; teachers conv4; meta-model conv4 with {cfg.learner.name}" in md
