@@ -258,7 +258,7 @@ def run_comparison(cfgs: list[ExperimentConfig], out_dir: str | Path | None = No
 # "runs": {method: {"meta_test", "meta_updates", "wall_s", "run_dir", ...}}, "baselines": {name:
 # records}, "baseline_info": {name: {"meta_updates", "wall_s"}}, "notes": [...], "wall_s"}; scenario md
 # adds "meta_test_domains": {domain: {row: records}} (the headline records are the mean over domains).
-COMPARISON_FILES = ("comparison.md", "comparison.csv", "comparison.json")
+COMPARISON_FILES = ("comparison.md", "comparison.csv", "comparison.png", "comparison.json")
 
 
 def _comparison_rows(comparison: Mapping) -> list[tuple[str, str, Any, dict]]:
@@ -348,8 +348,38 @@ def write_comparison(out_dir: str | os.PathLike, comparison: Mapping) -> None:
     out_dir = Path(out_dir)
     comparison = _jsonable(dict(comparison))
     _write_text(out_dir / "comparison.md", _comparison_markdown(comparison))
+    long = comparison_long(comparison)
     with atomic_path(out_dir / "comparison.csv") as tmp:
-        comparison_long(comparison).to_csv(tmp, index=False)
+        long.to_csv(tmp, index=False)
+    plot_comparison(long, out_dir / "comparison.png")
     _write_text(out_dir / "comparison.json", json.dumps(comparison, indent=2, allow_nan=False) + "\n")
+
+
+def plot_comparison(long: pd.DataFrame, path: Path) -> None:
+    """``comparison.png``: accuracy per model (methods, then baselines) and shot, with 95% CI bars."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    rows = long[(long["domain"].fillna("") == "")] if "domain" in long.columns else long
+    if rows.empty:
+        return
+    models = list(dict.fromkeys(rows["model"]))
+    shots = sorted(rows["shot"].unique())
+    fig = Figure(figsize=(1.2 + 1.1 * len(models), 4), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    width = 0.8 / len(shots)
+    for k, shot in enumerate(shots):
+        sub = rows[rows["shot"] == shot].set_index("model")
+        xs = [i + (k - (len(shots) - 1) / 2) * width for i in range(len(models))]
+        acc = [float(sub.loc[m, "accuracy"]) if m in sub.index else float("nan") for m in models]
+        ci = [float(sub.loc[m, "ci95"]) if m in sub.index else 0.0 for m in models]
+        ax.bar(xs, acc, width, yerr=ci, capsize=3, label=f"{int(rows['way'].iloc[0])}-way {int(shot)}-shot")
+    ax.set_xticks(range(len(models)), models, rotation=20, ha="right")
+    ax.set_ylabel("meta-test accuracy (%) ± 95% CI")
+    ax.legend()
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
 
 

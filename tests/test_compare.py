@@ -102,6 +102,10 @@ def test_one_table_with_every_method_then_every_baseline(compared):
     assert csv["model"].drop_duplicates().tolist() == rows
     assert csv.groupby("model").size().eq(2).all()                 # 1-shot and 5-shot per row
     assert csv.loc[csv["kind"] == "method", "model"].unique().tolist() == METHODS
+    from PIL import Image
+
+    with Image.open(compared.out / "comparison.png") as png:         # the bar chart with CIs
+        assert png.size[0] > 300 and png.size[1] > 200
 
 
 def test_methods_and_baselines_are_scored_on_the_same_tasks(compared):
