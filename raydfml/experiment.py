@@ -16,6 +16,7 @@ from .config import ExperimentConfig
 from .data.layout import ensure_dataset
 from .diagnostics import class_coverage, gain_recovered, provenance
 from .artifact import save_meta_model
+from .faults import maybe_fail
 from .rundir import RunLock, check_run_dir, default_run_dir
 from .report import RESULTS_FILE
 from .runtime.driver import train
@@ -79,6 +80,7 @@ def _run_locked(cfg, run_dir, entries, resume, progress, evaluate, t_start, repo
         trained = train(cfg, run_dir, report, resume=resume, progress=progress, entries=entries,
                         on_round_end=reporter)
         save_meta_model(run_dir, trained["best_params"], cfg)      # model.pt + model.json, before results
+        maybe_fail("mid_meta_test")
         results = evaluate(cfg, trained, entries, progress=progress)
         results.update(run_summary(cfg, trained, t_start, run_dir))
         results["coverage"] = class_coverage(cfg, entries)

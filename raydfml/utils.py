@@ -103,12 +103,14 @@ def exclusive_lock(path: str | os.PathLike, what: str):
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
-        holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+        holder = os.read(fd, 200).decode(errors="replace").strip() or "?"
         os.close(fd)
-        raise UserError(f"{what}: another process (pid {holder}) is writing it; wait for it to finish") from None
+        raise UserError(f"{what}: another process ({holder}) is writing it; wait for it to finish") from None
     try:
+        import socket
+
         os.ftruncate(fd, 0)
-        os.write(fd, str(os.getpid()).encode())
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
         yield
     finally:
         fcntl.flock(fd, fcntl.LOCK_UN)

@@ -12,7 +12,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "raydfml"
 
 # Low to high: a module may import its own layer's modules and those of the layers below it.
 LAYERS = [
-    {"errors", "utils", "registry"},
+    {"errors", "utils", "registry", "faults"},
     {"data", "models", "learners", "synthesis", "aggregation", "records", "evaluation", "cluster", "zoo"},
     {"methods"},
     {"plugins", "config"},

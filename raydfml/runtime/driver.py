@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from ..aggregation import build_rule
 from ..config import ExperimentConfig
 from ..errors import UserError
+from ..faults import maybe_fail
 from ..methods import create_method
 from ..records import TeacherRecord, merge
 from ..utils import atomic_path
@@ -42,6 +43,7 @@ def save_checkpoint(run_dir: Path, round_idx: int, meta_state: dict) -> None:
         stale.unlink(missing_ok=True)
     with atomic_path(last.with_name("next.pt")) as tmp:
         torch.save({"round": round_idx, "meta": meta_state}, tmp)
+    maybe_fail("mid_checkpoint", round_idx)
     if last.is_file():
         os.replace(last, previous)
     os.replace(last.with_name("next.pt"), last)
@@ -184,8 +186,8 @@ def _round_loop(cfg, run_dir: Path, report, resume, progress, executor, entries,
             if not hasattr(ex, "restart_meta") or ex.meta_alive():
                 raise
             if restarts == MAX_META_RESTARTS:
-                raise RuntimeError(f"the MetaLearner actor died {restarts + 1} times; giving up (see the Ray logs "
-                                   f"for why); `--resume` continues from {Path(run_dir) / CHECKPOINT}") from None
+                raise UserError(f"the MetaLearner actor died {restarts + 1} times (see the Ray logs for why); "
+                                f"`--resume` continues from {Path(run_dir) / CHECKPOINT}") from None
             restarts += 1
             log.warning("the MetaLearner actor died; replacing it and continuing from the last checkpoint")
             print("the MetaLearner actor died: replaced, continuing from the last checkpoint", file=sys.stderr)
@@ -204,6 +206,7 @@ def _rounds(cfg, run_dir: Path, report, start: int, progress, ex, entries, on_ro
         t_round = time.perf_counter()
         rnd = Round(r, cfg, ex, entries, run_dir, rule)
         batch = method.run_round(rnd)
+        maybe_fail("after_synthesis", r)
         metrics = rnd.metrics
         if batch is not None and batch.summaries:
             _synthesis_metrics(batch.summaries, metrics)
@@ -212,6 +215,7 @@ def _rounds(cfg, run_dir: Path, report, start: int, progress, ex, entries, on_ro
                     report.log_images(r, f"synth/teacher_{rec.teacher}",
                                       torch.tensor(np.asarray(rec.images[:50]), dtype=torch.float32))
         metrics.update(ex.get(ex.call(ml, "replay", r, tr.replay_batches)))
+        maybe_fail("after_meta_step", r)
         if (r + 1) % tr.eval_every == 0 or r == tr.rounds - 1:
             val = ex.get(ex.call(ml, "validate", r))
             metrics.update(val)

@@ -124,6 +124,6 @@ def test_two_builds_of_one_zoo_never_interleave(zoo, glyph_root):
 
     cfg, zoo_dir, records = zoo
     with exclusive_lock(zoo_dir / ".lock", "held by this test"):
-        with pytest.raises(UserError, match=r"zoo .*another process \(pid \d+\) is writing it"):
+        with pytest.raises(UserError, match=r"zoo .*another process \(pid \d+ on .+\) is writing it"):
             build_zoo(cfg, zoo_dir, glyph_root, workers=0, progress=False)
     assert build_zoo(cfg, zoo_dir, glyph_root, workers=0, progress=False) == records
