@@ -260,3 +260,8 @@ def test_interrupted_sweep_restores_without_rerunning_finished_trials(sweep_data
         assert rounds == list(range(len(rounds)))
         metrics = pd.read_csv(Path(trial_dir) / "run" / "metrics.csv")
         assert metrics["round"].tolist() == list(range(len(metrics)))
+    # a resume with another option is refused in one line (it was silently ignored), nothing rerun
+    changed = subprocess.run([*cmd, "--set", "learner.outer_lr=0.5", "--resume"], capture_output=True, text=True,
+                             env=_env(), timeout=300)
+    assert changed.returncode == 2 and "started with other options" in changed.stderr, changed.stderr[-2000:]
+    assert pd.read_csv(exp / "trials.csv").equals(df)

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
+from ..utils import atomic_path
 from .results import write_results
 from .search import _trial_dirname, build_scheduler, build_search_alg, checkpoints_to_keep, param_space, trial_shares
 from .sweep import Sweep, _absolute_paths, _resolve_point, load_sweep, trial_points
@@ -53,6 +54,14 @@ def _user_parts(sweep: Sweep, fixed: dict[str, Any]) -> list:
     return list(parts.values())
 
 
+def _sweep_differences(stored: dict, now: dict) -> list[str]:
+    """``key: old there, new now`` for each option of the sweep that differs (flattened)."""
+    from ..config import flatten
+
+    a, b = flatten(json.loads(json.dumps(stored, default=str))), flatten(json.loads(json.dumps(now, default=str)))
+    return [f"{k}: {a.get(k)!r} there, {b.get(k)!r} now" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+
+
 def run_sweep(path: str, num_samples: int | None = None, storage: str | None = None, resume: bool = False,
               address: str | None = None, quiet: bool = False, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """Run (or ``resume``) the sweep in ``path``; returns {"table", "best", "experiment_path", "complete", ...}.
@@ -74,9 +83,15 @@ def run_sweep(path: str, num_samples: int | None = None, storage: str | None = N
     if resume:
         if not tune.Tuner.can_restore(str(exp_path)):
             raise UserError(f"--resume: no sweep to resume in {exp_path}")
-        stored = json.loads((exp_path / SWEEP_JSON).read_text())
-        if Sweep.from_dict(stored["sweep"]).space != sweep.space:
-            print(f"note: {path} changed since the sweep started; resuming with the original sweep", flush=True)
+        try:
+            stored = json.loads((exp_path / SWEEP_JSON).read_text())
+        except (OSError, ValueError):
+            raise UserError(f"--resume: {exp_path / SWEEP_JSON} is missing or unreadable") from None
+        diff = _sweep_differences(stored["sweep"], sweep.to_dict())
+        if diff:
+            raise UserError(f"--resume: sweep {sweep.name!r} was started with other options ({'; '.join(diff[:2])}"
+                            f"{f' and {len(diff) - 2} more' if len(diff) > 2 else ''}); resume it unchanged or "
+                            "start a new one with another --storage")
         sweep = Sweep.from_dict(stored["sweep"])
     elif tune.Tuner.can_restore(str(exp_path)):
         raise UserError(f"--storage {storage_path}: sweep {sweep.name!r} already exists there; "
@@ -85,7 +100,8 @@ def run_sweep(path: str, num_samples: int | None = None, storage: str | None = N
     # local disk, so Tune's warning about it is noise here.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     ensure_ray(address=address)
-    fixed = _absolute_paths(sweep.fixed)
+    # a resumed sweep keeps the absolute paths it started with (not re-resolved against today's directory)
+    fixed = stored["fixed"] if resume else _absolute_paths(sweep.fixed)
     if not quiet:
         print(f"sweep {sweep.name}: preparing data and teacher pools", flush=True)
     prebuild_pools(sweep, fixed, progress=not quiet)
@@ -98,8 +114,9 @@ def run_sweep(path: str, num_samples: int | None = None, storage: str | None = N
         tuner = tune.Tuner.restore(str(exp_path), trainable=trainable, resume_unfinished=True, resume_errored=True)
     else:
         exp_path.mkdir(parents=True, exist_ok=True)
-        (exp_path / SWEEP_JSON).write_text(json.dumps({"sweep": sweep.to_dict(), "fixed": fixed,
-                                                       "shares": shares}, indent=2, default=str))
+        with atomic_path(exp_path / SWEEP_JSON) as tmp:
+            tmp.write_text(json.dumps({"sweep": sweep.to_dict(), "fixed": fixed, "shares": shares}, indent=2,
+                                      default=str))
         alg = build_search_alg(sweep)
         tuner = tune.Tuner(
             trainable,
