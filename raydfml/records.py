@@ -53,6 +53,7 @@ class TeacherRecord:
     images: np.ndarray | None = None           # float16 [n, 3, S, S] in [0, 1]
     labels: np.ndarray | None = None           # int64, relative 0..way-1
     predicted: np.ndarray | None = None        # int64 per image: the teacher's own label for it (argmax)
+    confidence: np.ndarray | None = None       # float32 per image: the teacher's softmax probability of it
     teacher_acc: float = math.nan              # the teacher's accuracy on its recovered images
     inv_loss: float = math.nan                 # the recovery's final inversion loss
     passes: int = 0                            # teacher forward+backward passes spent
@@ -64,7 +65,7 @@ class TeacherRecord:
     state_grad: np.ndarray | None = None       # flat gradient for the central synthesizer state
     embedding: np.ndarray | None = None        # TGR: the teacher's task embedding
 
-    _ARRAYS = ("images", "labels", "predicted", "grad", "task", "state_grad", "embedding")
+    _ARRAYS = ("images", "labels", "predicted", "confidence", "grad", "task", "state_grad", "embedding")
 
     def summary(self) -> "TeacherRecord":
         """This record without its arrays (what the driver needs to plan and log)."""

@@ -323,6 +323,39 @@ class RunReport:
         self.writer = self._SummaryWriter(str(self.tb_dir), purge_step=after_round + 1)
 
     # -- images ---------------------------------------------------------------------------------
+    def save_gallery(self, round: int, rec, per_class: int = 6) -> Path | None:
+        """``gallery/round<r>_teacher<t>.png``: a teacher's recovered images, one row per class, each
+        captioned with the label it was recovered for, the teacher's own label and its confidence
+        (red where the teacher disagrees). ``rec`` is a TeacherRecord with images."""
+        if rec.images is None or not len(rec.images):
+            return None
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+
+        images, labels = np.asarray(rec.images, dtype=np.float32), np.asarray(rec.labels)
+        pred = None if rec.predicted is None else np.asarray(rec.predicted)
+        conf = None if rec.confidence is None else np.asarray(rec.confidence)
+        classes = sorted(set(labels.tolist()))
+        fig = Figure(figsize=(1.3 * per_class, 1.45 * len(classes)), dpi=80)
+        FigureCanvasAgg(fig)
+        for row, c in enumerate(classes):
+            idx = np.flatnonzero(labels == c)[:per_class]
+            for col, i in enumerate(idx):
+                ax = fig.add_subplot(len(classes), per_class, row * per_class + col + 1)
+                ax.imshow(np.clip(images[i].transpose(1, 2, 0), 0, 1))
+                ax.set_xticks([]), ax.set_yticks([])
+                text = f"class {rec.classes[c]}"
+                if pred is not None:
+                    text += f"\nteacher {rec.classes[int(pred[i])]}" + ("" if conf is None else f" {conf[i]:.2f}")
+                ax.set_title(text, fontsize=7, color="black" if pred is None or pred[i] == c else "red")
+        fig.suptitle(f"round {round}, teacher {rec.teacher} ({rec.arch})", fontsize=9)
+        fig.tight_layout()
+        path = self.run_dir / "gallery" / f"round{int(round):04d}_teacher{rec.teacher}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png")
+        return path
+
     def log_images(self, round: int, tag: str, images: torch.Tensor, nrow: int = 10,
                    save_png: bool = False) -> None:
         """A grid of ``images`` (``[n, 3, S, S]`` in [0, 1]) as TensorBoard image ``tag`` at ``round``;

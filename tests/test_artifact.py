@@ -106,3 +106,17 @@ def test_results_record_their_provenance(finished_run):
     assert prov["git_commit"] is None or len(prov["git_commit"].split("+")[0]) == 40
     md = (run_dir / "results.md").read_text()
     assert f"Dataset {cfg.data.dataset}; teachers conv4; meta-model conv4 with {cfg.learner.name}" in md
+
+
+def test_recovered_image_galleries_and_per_teacher_accuracy(finished_run):
+    import pandas as pd
+    from PIL import Image
+
+    _, run_dir = finished_run
+    pngs = sorted((run_dir / "gallery").glob("round*_teacher*.png"))
+    assert pngs
+    with Image.open(pngs[0]) as im:
+        assert im.size[0] > 200 and im.size[1] > 100
+    metrics = pd.read_csv(run_dir / "metrics.csv")
+    per_teacher = [c for c in metrics.columns if c.startswith("synth/teacher_acc_by_id/")]
+    assert per_teacher and metrics[per_teacher].notna().sum().sum() >= len(metrics)

@@ -214,6 +214,7 @@ def _rounds(cfg, run_dir: Path, report, start: int, progress, ex, entries, on_ro
                 for rec in rnd.fetch(batch)[:2]:
                     report.log_images(r, f"synth/teacher_{rec.teacher}",
                                       torch.tensor(np.asarray(rec.images[:50]), dtype=torch.float32))
+                    report.save_gallery(r, rec)       # gallery/: captioned with the teacher's label + confidence
         metrics.update(ex.get(ex.call(ml, "replay", r, tr.replay_batches)))
         maybe_fail("after_meta_step", r)
         if (r + 1) % tr.eval_every == 0 or r == tr.rounds - 1:
@@ -243,3 +244,5 @@ def _synthesis_metrics(summaries: list[TeacherRecord], metrics: dict) -> None:
     for arch in sorted({r.arch for r in summaries}):
         metrics[f"teachers/{arch}"] = float(sum(r.arch == arch for r in summaries))
         metrics[f"synth/teacher_acc/{arch}"] = float(np.mean([r.teacher_acc for r in summaries if r.arch == arch]))
+    for r in summaries:                      # per teacher (TensorBoard groups them under synth/teacher_acc_by_id)
+        metrics[f"synth/teacher_acc_by_id/{r.teacher}"] = float(r.teacher_acc)

@@ -109,21 +109,27 @@ class TeacherPool:
     def record(self, tid: int, rec) -> TeacherRecord:
         """A ``TeacherRecord`` of a recovery (``synthesis.base.Recovered``), with the teacher's own label
         for exactly the stored (float16, clamped) images."""
+        predicted, confidence = self.predict(tid, rec.images, with_confidence=True)
         return TeacherRecord(teacher=tid, arch=self.arch_of(tid), classes=tuple(rec.classes),
                              images=rec.images.cpu().numpy(), labels=rec.labels.cpu().numpy(),
-                             predicted=self.predict(tid, rec.images),
+                             predicted=predicted, confidence=confidence,
                              teacher_acc=rec.teacher_acc, inv_loss=rec.loss, passes=rec.passes, seconds=rec.seconds)
 
-    def predict(self, tid: int, images01, batch: int = 256) -> np.ndarray:
-        """Teacher ``tid``'s label (relative, argmax) for each [0, 1] image (eval mode, no gradient)."""
+    def predict(self, tid: int, images01, batch: int = 256, with_confidence: bool = False):
+        """Teacher ``tid``'s label (relative, argmax) for each [0, 1] image (eval mode, no gradient);
+        with ``with_confidence`` also its softmax probability of that label."""
         spec = self.spec_of(tid)
         norm = make_normalizer(spec.mean, spec.std, self.device)
         x = torch.as_tensor(images01)
-        out = []
+        probs = []
         with torch.no_grad():
             for i in range(0, len(x), batch):
-                out.append(self.teacher(tid)(norm(x[i:i + batch].to(self.device, torch.float32))).argmax(1).cpu())
-        return torch.cat(out).numpy() if out else np.zeros(0, dtype=np.int64)
+                logits = self.teacher(tid)(norm(x[i:i + batch].to(self.device, torch.float32)))
+                probs.append(torch.softmax(logits.float(), dim=1).cpu())
+        p = torch.cat(probs) if probs else torch.zeros(0, 1)
+        conf, labels = p.max(dim=1)
+        labels = labels.numpy().astype(np.int64)
+        return (labels, conf.numpy().astype(np.float32)) if with_confidence else labels
 
     # --- the teacher's contribution to the meta-update --------------------------------------------
     def teacher_task(self, tid: int, images01, labels, seed: int):
