@@ -87,6 +87,13 @@ def test_teacher_pool_actor_killed_mid_run_is_replaced(smoke_root, ray_session, 
     report.close()
     assert killed == [1] and out["actors_replaced"] >= 1
     assert pd.read_csv(tmp_path / "run" / "metrics.csv")["round"].tolist() == list(range(cfg.train.rounds))
+    # ... and the run ends with exactly the parameters of an undisturbed one
+    import torch
+
+    report = RunReport(tmp_path / "clean", cfg.to_dict())
+    clean = train(cfg, tmp_path / "clean", report, progress=False, entries=existing_pool(cfg))
+    report.close()
+    assert all(torch.equal(clean["best_params"][n], out["best_params"][n]) for n in clean["best_params"])
 
 
 def test_meta_learner_killed_mid_run_is_replaced_from_its_checkpoint(smoke_root, ray_session, tmp_path):
