@@ -1,7 +1,7 @@
 """Kill a run at each fault-injection point, resume it, and compare with an uninterrupted run.
 
     python benchmarks/fault_matrix.py [--methods deepinv,geninv,purer,free,tgr] [--points all]
-        [--data-root data] [--out runs/fault_matrix] [--round 1]
+        [--data-root data] [--out runs/fault_matrix] [--round 1] [--workers 0]
 
 For each method (smoke profile, scenario mr, in-process): one uninterrupted run; then, per point of
 ``raydfml.faults.POINTS``, a run with ``RAYDFML_FAULT=<point>@<round>`` (the process SIGKILLs itself
@@ -36,14 +36,15 @@ def launch(method: str, data_root: Path, out: Path, resume: bool = False, fault:
                           timeout=900)
 
 
-def kill_and_resume(method: str, point: str, data_root: Path, out: Path, reference: dict, round_idx: int = 1) -> dict:
+def kill_and_resume(method: str, point: str, data_root: Path, out: Path, reference: dict, round_idx: int = 1,
+                    workers: int = 0) -> dict:
     """One cell of the matrix (see the module docstring)."""
     shutil.rmtree(out, ignore_errors=True)
-    killed = launch(method, data_root, out, fault=f"{point}@{round_idx}")
+    killed = launch(method, data_root, out, fault=f"{point}@{round_idx}", workers=workers)
     rounds_logged = 0
     if (out / "metrics.csv").is_file():
         rounds_logged = max(0, len((out / "metrics.csv").read_text().strip().splitlines()) - 1)
-    resumed = launch(method, data_root, out, resume=True)
+    resumed = launch(method, data_root, out, resume=True, workers=workers)
     cell = {"method": method, "point": point, "killed_status": killed.returncode, "resume_status": resumed.returncode,
             "survived": killed.returncode == -9 and resumed.returncode == 0}
     resumed_at = next((ln for ln in resumed.stdout.splitlines() if ln.startswith("resuming from the checkpoint")), "")
@@ -67,6 +68,7 @@ def main() -> None:
     p.add_argument("--data-root", default="data")
     p.add_argument("--out", default="runs/fault_matrix")
     p.add_argument("--round", type=int, default=1)
+    p.add_argument("--workers", type=int, default=0, help="TeacherPool actors on Ray (0: in-process)")
     args = p.parse_args()
     out, root = Path(args.out).resolve(), Path(args.data_root).resolve()
     points = POINTS if args.points == "all" else tuple(args.points.split(","))
@@ -74,12 +76,12 @@ def main() -> None:
     for method in args.methods.split(","):
         ref_dir = out / method / "uninterrupted"
         shutil.rmtree(ref_dir, ignore_errors=True)
-        ref = launch(method, root, ref_dir)
+        ref = launch(method, root, ref_dir, workers=args.workers)
         if ref.returncode != 0:
             sys.exit(f"{method}: the uninterrupted run failed:\n{ref.stderr[-2000:]}")
         reference = json.loads((ref_dir / "results.json").read_text())
         for point in points:
-            cell = kill_and_resume(method, point, root, out / method / point, reference, args.round)
+            cell = kill_and_resume(method, point, root, out / method / point, reference, args.round, args.workers)
             cells.append(cell)
             print(f"{method:8s} {point:16s} survived={cell['survived']} lost_rounds={cell['lost_rounds']} "
                   f"results_equal={cell['results_equal']}", flush=True)

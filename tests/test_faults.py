@@ -1,7 +1,7 @@
 """Fault injection: a run SIGKILLed at each point resumes to the results of an uninterrupted run.
 
-CI runs every point for deepinv and one point for each other method; `benchmarks/fault_matrix.py`
-runs the whole matrix (every method x every point)."""
+CI runs every point for deepinv, one for FREE and one on Ray; `benchmarks/fault_matrix.py` runs the
+whole matrix (every method x every point, in-process or on Ray with --workers 2)."""
 from __future__ import annotations
 
 import importlib.util
@@ -17,18 +17,18 @@ _spec = importlib.util.spec_from_file_location("fault_matrix", REPO / "benchmark
 fault_matrix = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(fault_matrix)
 
-CASES = [("deepinv", p) for p in POINTS] + [("free", "mid_checkpoint"), ("tgr", "after_synthesis"),
-                                            ("purer", "after_meta_step"), ("geninv", "mid_meta_test")]
+CASES = [("deepinv", p) for p in POINTS] + [("free", "mid_checkpoint")]
 _references: dict[str, dict] = {}
 
 
-def _reference(method: str, root: Path, tmp_root: Path) -> dict:
-    if method not in _references:
-        out = tmp_root / f"{method}-uninterrupted"
-        proc = fault_matrix.launch(method, root, out)
+def _reference(method: str, root: Path, tmp_root: Path, workers: int = 0) -> dict:
+    key = f"{method}-w{workers}"
+    if key not in _references:
+        out = tmp_root / f"{key}-uninterrupted"
+        proc = fault_matrix.launch(method, root, out, workers=workers)
         assert proc.returncode == 0, proc.stderr[-2000:]
-        _references[method] = json.loads((out / "results.json").read_text())
-    return _references[method]
+        _references[key] = json.loads((out / "results.json").read_text())
+    return _references[key]
 
 
 @pytest.mark.e2e
@@ -39,3 +39,13 @@ def test_killed_at_a_point_then_resumed_equals_an_uninterrupted_run(method, poin
     cell = fault_matrix.kill_and_resume(method, point, smoke_root, tmp_root / f"{method}-{point}", reference)
     assert cell["killed_status"] == -9, cell                   # it died where the fault was injected
     assert cell["survived"] and cell["results_equal"], cell
+
+
+@pytest.mark.e2e
+def test_killed_on_ray_then_resumed_equals_an_uninterrupted_ray_run(smoke_root, tmp_path_factory):
+    """On Ray (2 TeacherPool actors + the MetaLearner actor), killed mid checkpoint write."""
+    tmp_root = tmp_path_factory.getbasetemp() / "faults"
+    reference = _reference("deepinv", smoke_root, tmp_root, workers=2)
+    cell = fault_matrix.kill_and_resume("deepinv", "mid_checkpoint", smoke_root, tmp_root / "deepinv-ray", reference,
+                                        workers=2)
+    assert cell["killed_status"] == -9 and cell["survived"] and cell["results_equal"], cell
