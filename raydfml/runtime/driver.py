@@ -171,7 +171,7 @@ def _from_checkpoint(ex, run_dir: Path, report) -> int:
 def _round_loop(cfg, run_dir: Path, report, resume, progress, executor, entries, on_round_end) -> dict:
     """Rounds from the start (or the checkpoint); a MetaLearner actor that dies mid-run is replaced
     and the run continues from its last checkpoint, as a --resume would."""
-    from ray.exceptions import RayActorError
+    from ray.exceptions import ObjectLostError, RayActorError, WorkerCrashedError
 
     ex = executor
     start = 0
@@ -182,7 +182,7 @@ def _round_loop(cfg, run_dir: Path, report, resume, progress, executor, entries,
     while True:
         try:
             return _rounds(cfg, run_dir, report, start, progress, ex, entries, on_round_end)
-        except RayActorError:
+        except (RayActorError, WorkerCrashedError, ObjectLostError):
             if not hasattr(ex, "restart_meta") or ex.meta_alive():
                 raise
             if restarts == MAX_META_RESTARTS:

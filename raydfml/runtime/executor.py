@@ -166,7 +166,9 @@ class RayExecutor:
     def map_teachers(self, hook: str, round_idx: int, teacher_ids: list[int], shared: tuple = (),
                      per_teacher: dict | None = None) -> TeacherBatch:
         """Share i goes to actor i; an actor that dies is replaced and its share redone."""
-        from ray.exceptions import RayActorError
+        from ray.exceptions import ObjectLostError, RayActorError, WorkerCrashedError
+
+        lost = (RayActorError, WorkerCrashedError, ObjectLostError)      # the actor, its process or its output
 
         split = shares(list(teacher_ids), self.num_pools)
         refs = [self._submit(i, hook, round_idx, share, shared, per_teacher) for i, share in enumerate(split)]
@@ -178,12 +180,12 @@ class RayExecutor:
                     summaries.append(self.ray.get(summary_ref))
                     parts.append(records_ref)
                     break
-                except RayActorError:
+                except lost:
                     if not self.meta_alive(timeout_s=10):
                         raise            # the MetaLearner died (its refs are lost): the driver replaces it
                     if attempt == MAX_ATTEMPTS:
-                        raise RuntimeError(f"TeacherPool actor {i} died {MAX_ATTEMPTS} times in round {round_idx}; "
-                                           "giving up (see the Ray logs for why)") from None
+                        raise UserError(f"TeacherPool actor {i} died {MAX_ATTEMPTS} times in round {round_idx} (see "
+                                        "the Ray logs for why); `--resume` continues from the last checkpoint") from None
                     log.warning("TeacherPool actor %d died; replacing it and redoing its share", i)
                     self.pools[i] = self._new_pool()
                     self.replaced += 1
