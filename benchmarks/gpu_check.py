@@ -2,7 +2,7 @@
 and where each round's time goes.
 
     python benchmarks/gpu_check.py [--scenario ma] [--method free] [--rounds 3] [--workers 2]
-        [--teachers 4] [--data-root data] [--out runs/gpu_check] [--device auto]
+        [--teachers 4] [--data-root data] [--out runs/gpu_check] [--device auto] [--profile paper]
 
 One engine run (the paper profile: 200 inversion steps, 30 images per class, full-width ResNets;
 ``--teachers`` per architecture, trained for one epoch since only their cost matters here). Printed and
@@ -33,6 +33,7 @@ def main() -> None:
     p.add_argument("--data-root", default="data")
     p.add_argument("--out", default="runs/gpu_check")
     p.add_argument("--device", default="auto")
+    p.add_argument("--profile", default="paper", help="paper (the point of the check); smoke to try the script")
     args = p.parse_args()
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
@@ -42,10 +43,11 @@ def main() -> None:
     from raydfml.config import resolve
     from raydfml.experiment import prepare_experiment, run_dir_for, run_method
 
-    cfg = resolve(args.scenario, args.method, "paper", {
+    cfg = resolve(args.scenario, args.method, args.profile, {
         "data.data_root": args.data_root, "runtime.workers": args.workers, "runtime.device": args.device,
         "train.rounds": args.rounds, "train.eval_every": args.rounds, "train.val_tasks": 20, "train.test_tasks": 20,
-        "train.baselines": "random_init", "pool.num_per_arch": args.teachers, "pool.epochs": 1, "pool.width": 1.0,
+        "train.baselines": "random_init", "pool.num_per_arch": args.teachers, "pool.epochs": 1,
+        **({"pool.width": 1.0} if args.profile == "paper" else {}),
         **({"free.warmup": 0} if args.method == "free" else {})})
     cfg.out = str(Path(args.out).resolve())
     run_dir = run_dir_for(cfg)
