@@ -72,12 +72,13 @@ def main() -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="an option for every row (e.g. train.test_tasks=300)")
     args = p.parse_args()
-    shared = {}
-    for item in args.set:
-        key, sep, value = item.partition("=")
-        if not sep:
-            sys.exit(f"--set {item!r}: expected KEY=VALUE")
-        shared[key.strip()] = value.strip()
+    from raydfml.cli import set_overrides
+    from raydfml.errors import UserError
+
+    try:
+        shared = set_overrides(args.set)
+    except UserError as e:
+        sys.exit(f"error: {e}")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
     import pandas as pd

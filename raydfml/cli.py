@@ -115,6 +115,19 @@ def _config_file_defaults(p: argparse.ArgumentParser, path: str) -> dict:
     return out
 
 
+def set_overrides(items) -> dict:
+    """``--set KEY=VALUE`` items as ``{key: value}``; an item without ``=`` is a one-line UserError."""
+    from raydfml.errors import UserError
+
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise UserError(f"--set {item!r}: expected KEY=VALUE")
+        out[key.strip()] = value.strip()
+    return out
+
+
 def method_names(value: str | None) -> list[str | None]:
     """``--method``'s comma-separated names, each checked against the registered methods up front
     (``[None]`` without ``--method``: the scenario's default method, resolved by config.resolve)."""
@@ -137,14 +150,8 @@ def method_names(value: str | None) -> list[str | None]:
 def build_config(args: argparse.Namespace, method: str | None = None, seed: int | None = None):
     """The resolved config of ``args`` (for ``method`` and ``seed`` when given, else ``args``')."""
     from raydfml.config import resolve
-    from raydfml.errors import UserError
 
-    overrides: dict = {}
-    for item in args.set:
-        if "=" not in item:
-            raise UserError(f"--set {item!r}: expected KEY=VALUE")
-        k, v = item.split("=", 1)
-        overrides[k.strip()] = v.strip()
+    overrides = set_overrides(args.set)
     for key, val in [("data.dataset", args.dataset), ("data.data_root", args.data_root), ("pool.zoo_dir", args.zoo_dir),
                      ("runtime.workers", args.workers), ("runtime.device", args.device),
                      ("runtime.address", args.address)]:
