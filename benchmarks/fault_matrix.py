@@ -25,26 +25,26 @@ sys.path.insert(0, str(REPO))
 
 
 def launch(method: str, data_root: Path, out: Path, resume: bool = False, fault: str | None = None,
-           workers: int = 0) -> subprocess.CompletedProcess:
+           workers: int = 0, extra: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
     env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
     env.pop("RAYDFML_FAULT", None)
     if fault:
         env["RAYDFML_FAULT"] = fault
     cmd = [sys.executable, str(REPO / "launch.py"), "--scenario", "mr", "--method", method, "--profile", "smoke",
            "--workers", str(workers), "--quiet", "--data-root", str(data_root), "--out", str(out)]
-    return subprocess.run(cmd + (["--resume"] if resume else []), env=env, capture_output=True, text=True,
+    return subprocess.run(cmd + list(extra) + (["--resume"] if resume else []), env=env, capture_output=True, text=True,
                           timeout=900)
 
 
 def kill_and_resume(method: str, point: str, data_root: Path, out: Path, reference: dict, round_idx: int = 1,
-                    workers: int = 0) -> dict:
-    """One cell of the matrix (see the module docstring)."""
+                    workers: int = 0, extra: tuple[str, ...] = ()) -> dict:
+    """One cell of the matrix (see the module docstring); ``extra``: more launch.py arguments."""
     shutil.rmtree(out, ignore_errors=True)
-    killed = launch(method, data_root, out, fault=f"{point}@{round_idx}", workers=workers)
+    killed = launch(method, data_root, out, fault=f"{point}@{round_idx}", workers=workers, extra=extra)
     rounds_logged = 0
     if (out / "metrics.csv").is_file():
         rounds_logged = max(0, len((out / "metrics.csv").read_text().strip().splitlines()) - 1)
-    resumed = launch(method, data_root, out, resume=True, workers=workers)
+    resumed = launch(method, data_root, out, resume=True, workers=workers, extra=extra)
     cell = {"method": method, "point": point, "killed_status": killed.returncode, "resume_status": resumed.returncode,
             "survived": killed.returncode == -9 and resumed.returncode == 0}
     resumed_at = next((ln for ln in resumed.stdout.splitlines() if ln.startswith("resuming from the checkpoint")), "")
@@ -52,7 +52,8 @@ def kill_and_resume(method: str, point: str, data_root: Path, out: Path, referen
     cell["lost_rounds"] = max(0, rounds_logged - start) if point != "mid_meta_test" else 0
     if cell["survived"]:
         res = json.loads((out / "results.json").read_text())
-        cell["results_equal"] = res["meta_test"] == reference["meta_test"] and res["baselines"] == reference["baselines"]
+        cell["results_equal"] = (res["meta_test"] == reference["meta_test"] and res["baselines"] == reference["baselines"]
+                                 and res.get("weights") == reference.get("weights"))
     else:
         cell["results_equal"] = False
         cell["stderr"] = (killed.stderr + resumed.stderr)[-500:]

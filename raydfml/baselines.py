@@ -24,10 +24,10 @@ import torch
 from tqdm.auto import tqdm
 
 from .config import ExperimentConfig
-from .data.episodes import EpisodeSampler
 from .data.transforms import normalize
 from .runtime.parts import build_learner_for, build_meta_model, meta_split
 from .runtime.pool import pool_datasets
+from .runtime.real import RealEpisodes
 from .utils import resolve_device, task_seed
 
 
@@ -60,28 +60,14 @@ def pool_classes(cfg: ExperimentConfig, entries) -> dict[str, list[int]]:
 
 
 def with_data_episodes(cfg: ExperimentConfig, classes: dict[str, list[int]] | None = None):
-    """Endless real meta-train episodes for the with-data baseline, as ``(dataset, spec, episode)``.
-
-    One dataset: its seeded sampler's episodes 0, 1, 2, ... md: round-robin over the domains, episode
-    k from domain ``k % D`` (its sampler's episode ``k // D``), so every meta-batch mixes domains
-    evenly; each domain has its own seeded sampler (domain 0's seed is the single-dataset one).
+    """Endless real meta-train episodes for the with-data baseline, as ``(dataset, spec, episode)``
+    (:class:`raydfml.runtime.real.RealEpisodes`: seeded; md round-robin over the domains).
     ``classes`` (``with_data_pool``) restricts each dataset to those class ids; a dataset with fewer
-    than ``train.way`` of them is left out.
-    """
-    lc, tr = cfg.learner, cfg.train
-    datasets = list(pool_datasets(cfg))
-    seeds = {d: task_seed(cfg.seed, 31, i) if i else task_seed(cfg.seed, 31) for i, d in enumerate(datasets)}
-    if classes is not None:
-        datasets = [d for d in datasets if len(classes.get(d, ())) >= tr.way]
-    splits = [meta_split(cfg, d, "meta_train") for d in datasets]
-    samplers = [EpisodeSampler(split, way=tr.way, shot=lc.train_shot, query=lc.train_query, seed=seeds[d],
-                               classes=None if classes is None else classes[d])
-                for d, split in zip(datasets, splits)]
-    k = 0
+    than ``train.way`` of them is left out."""
+    source = RealEpisodes(cfg, classes)
     while True:
-        d = k % len(splits)
-        yield datasets[d], splits[d].spec, samplers[d].episode(k // len(splits))
-        k += 1
+        d, ep = source.next()
+        yield source.datasets[d], source.splits[d].spec, ep
 
 
 def train_with_data(cfg: ExperimentConfig, meta_updates: int, device: torch.device, progress: bool = False,
@@ -165,10 +151,12 @@ def evaluate_final(cfg: ExperimentConfig, trained: dict | None, entries, progres
     t0 = time.time()
     device = resolve_device(cfg.runtime.device)
     wanted = tuple(cfg.train.baselines if baselines is None else [b for b in cfg.train.baselines if b in baselines])
+    if not entries:                 # train.source=real: no teacher pool to average or to restrict to
+        wanted = tuple(b for b in wanted if b not in ("teacher_average", "with_data_pool"))
     if with_data_updates is None and set(TRAINED_BASELINES) & set(wanted):
         with_data_updates = trained["meta_updates"]
     notes: list[str] = []
-    models: dict[str, dict] = {cfg.method: trained["best_params"]} if trained is not None else {}
+    models: dict[str, dict] = {cfg.label: trained["best_params"]} if trained is not None else {}
     if "random_init" in wanted:
         models["random_init"] = random_init_params(cfg)
     if "teacher_average" in wanted:
@@ -222,7 +210,7 @@ def evaluate_final(cfg: ExperimentConfig, trained: dict | None, entries, progres
                            for i in range(len(cfg.train.test_shots))] for name in models}
     else:
         by_model = dict(by_domain[datasets[0]])
-    out = {"meta_test": by_model.pop(cfg.method, []), "baselines": by_model, "notes": notes,
+    out = {"meta_test": by_model.pop(cfg.label, []), "baselines": by_model, "notes": notes,
            "time/with_data_s": round(t_wd, 1), "time/meta_test_s": round(time.time() - t0 - t_wd, 1)}
     if cfg.data.domains:
         out["meta_test_domains"] = by_domain

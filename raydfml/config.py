@@ -71,6 +71,27 @@ class AggregationConfig:
     """How the MetaLearner turns the round's per-teacher work into one meta-update: the name of a
     rule in ``raydfml.aggregation.RULES`` (its options are the section named after it, e.g. ``igr.eta``)."""
     rule: str = "mean"                  # mean | align (FREE) | igr (TGR)
+    # Task weighting (MTM), a name in ``raydfml.aggregation.WEIGHTINGS``: none | spsa | spsa_track |
+    # per_class | uncertainty; its options are the ``weighting`` section.
+    weighting: str = "none"
+
+
+@dataclass
+class WeightingConfig:
+    """Options of the task weighting (``aggregate.weighting``); defaults are the MTM seed's values."""
+    apply: str = "both"                 # both | teachers (per-teacher meta-gradients) | replay (replay tasks)
+    key: str = "class"                  # what keys a replay task: class (its global classes) | domain
+    start: int = 0                      # first weighted round; before it uniform (the seed: baseline, then weighted)
+    alpha: float = 0.25                 # SPSA step gain a_k = alpha / k^alpha_gamma (schedule power)
+    alpha_gamma: float = 1 / 6
+    beta: float = 15.0                  # SPSA perturbation c_k = beta / k^beta_gamma
+    beta_gamma: float = 1 / 24
+    schedule: str = "power"             # power (the seed's 'exponential': x0 / k^gamma) | constant | step
+    step_every: int = 0                 # schedule step: gains times step_multiplier every step_every updates
+    step_multiplier: float = 1.0
+    normalize_every: int = -1           # w <- w / ||w||_2 every N updates; -1: the rule's (spsa*: 100; others never)
+    init: float = 0.0                   # initial w; 0: the rule's (spsa*: 1/B as the seed; per_class, uncertainty: 1)
+    lr: float = 1e-3                    # uncertainty: Adam learning rate of ln w^2
 
 
 @dataclass
@@ -113,6 +134,9 @@ class TrainConfig:
     query: int = 15
     baselines: tuple[str, ...] = ("random_init", "teacher_average", "with_data", "with_data_pool")
     checkpoint_every: int = 1
+    # Where meta-training tasks come from: teachers (data-free: the method's recovered images) | real
+    # (real meta-train episodes of the dataset, the same learner, rules and checkpoints; no teachers).
+    source: str = "teachers"
 
 
 @dataclass
@@ -126,7 +150,7 @@ class RuntimeConfig:
     meta_threads: int = 1               # torch threads of the MetaLearner on CPU (more oversubscribe small cores)
 
 
-SHARED_SECTIONS = ("data", "pool", "synth", "learner", "train", "runtime", "aggregate")
+SHARED_SECTIONS = ("data", "pool", "synth", "learner", "train", "runtime", "aggregate", "weighting")
 
 
 @dataclass
@@ -143,9 +167,15 @@ class ExperimentConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     aggregate: AggregationConfig = field(default_factory=AggregationConfig)
+    weighting: WeightingConfig = field(default_factory=WeightingConfig)
     # The typed option sections of this run's method and aggregation rule, keyed by their registered
     # names (``--set free.warmup=4``, ``--set igr.eta=1e-3``); see ``section``.
     sections: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        """What the run trains with: the method, or ``real`` when it meta-trains on real episodes."""
+        return "real" if self.train.source == "real" else self.method
 
     def section(self, name: str) -> Any:
         """The option section of the part called ``name`` (this run's method or rule)."""
@@ -485,6 +515,11 @@ def validate(cfg: ExperimentConfig) -> None:
         raise UserError(f"config train.bank_filter={cfg.train.bank_filter!r}: choose none, agree or relabel")
     if cfg.pool.arch_plans not in ("distinct", "shared"):
         raise UserError(f"config pool.arch_plans={cfg.pool.arch_plans!r}: choose distinct or shared")
+    if cfg.train.source not in ("teachers", "real"):
+        raise UserError(f"config train.source={cfg.train.source!r}: choose teachers (data-free) or real")
+    from .aggregation.weighting import check_weighting
+
+    check_weighting(cfg)
     if hasattr(rule, "validate"):
         rule.validate(cfg)
     method_registry().get(cfg.method, option="--method").validate(cfg)

@@ -35,7 +35,7 @@ def run_dir_for(cfg: ExperimentConfig, resume: bool = False) -> Path:
 
 def run_summary(cfg: ExperimentConfig, trained: dict, t_start: float, run_dir: Path) -> dict:
     """The results.json fields that describe the run itself."""
-    return {"scenario": cfg.scenario, "method": cfg.method, "profile": cfg.profile, "seed": cfg.seed,
+    return {"scenario": cfg.scenario, "method": cfg.label, "profile": cfg.profile, "seed": cfg.seed,
             "wall_s": round(time.time() - t_start, 1), "meta_updates": trained["meta_updates"],
             "best_val": trained["best_val"], "best_round": trained["best_round"],
             "actors_replaced": trained["actors_replaced"], "run_dir": str(run_dir)}
@@ -47,14 +47,18 @@ def prepare_experiment(cfg: ExperimentConfig, resume: bool = False, progress: bo
     from .runtime.parts import meta_split
 
     data_root = Path(cfg.data.data_root).resolve()
+    real = cfg.train.source == "real"
     for dataset in pool_datasets(cfg):          # md: every domain (data.dataset is domains[0])
         ensure_dataset(data_root, dataset)
-        for split in ("meta_val", "meta_test"):  # read (and cached) now: a bad image fails before training
+        # read (and cached) now: a bad image fails before training
+        for split in ("meta_train", "meta_val", "meta_test") if real else ("meta_val", "meta_test"):
             meta_split(cfg, dataset, split)
     if cfg.runtime.workers > 0:
         from .cluster import ensure_ray
 
         ensure_ray(address=cfg.runtime.address)
+    if real:                                    # meta-training on real episodes needs no teachers
+        return []
     return existing_pool(cfg) if resume else prepare_pool(cfg, cfg.runtime.workers, progress)
 
 
@@ -83,7 +87,11 @@ def _run_locked(cfg, run_dir, entries, resume, progress, evaluate, t_start, repo
         maybe_fail("mid_meta_test")
         results = evaluate(cfg, trained, entries, progress=progress)
         results.update(run_summary(cfg, trained, t_start, run_dir))
-        results["coverage"] = class_coverage(cfg, entries)
+        results["source"] = cfg.train.source
+        if entries:
+            results["coverage"] = class_coverage(cfg, entries)
+        if trained.get("weights"):
+            results["weights"] = trained["weights"]      # each weighted key's final 1/w^2 (mean 1)
         results["provenance"] = provenance(cfg, entries)
         if results.get("meta_test"):
             results["recovered"] = gain_recovered(results["meta_test"], results.get("baselines") or {})

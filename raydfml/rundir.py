@@ -27,9 +27,25 @@ LOCK = ".lock"
 FREE_ON_RESUME = ("runtime.", "out")
 
 
+def _added_later() -> dict:
+    """Options added after runs were first written, at their defaults: left out of the comparison and
+    the hash, so a run started before they existed keeps its directory name and can be resumed."""
+    import dataclasses
+
+    from .config import WeightingConfig
+
+    added = flatten({"weighting": dataclasses.asdict(WeightingConfig())})
+    added.update({"aggregate.weighting": "none", "train.source": "teachers"})
+    return json.loads(json.dumps(added))
+
+
+ADDED_LATER = _added_later()
+
+
 def _comparable(cfg_dict: dict) -> dict:
     flat = flatten(json.loads(json.dumps(cfg_dict, default=str)))
-    return {k: v for k, v in flat.items() if not k.startswith(FREE_ON_RESUME)}
+    return {k: v for k, v in flat.items() if not k.startswith(FREE_ON_RESUME)
+            and not (k in ADDED_LATER and ADDED_LATER[k] == v)}
 
 
 def config_hash(cfg: ExperimentConfig) -> str:
@@ -40,7 +56,7 @@ def config_hash(cfg: ExperimentConfig) -> str:
 
 
 def default_run_dir(cfg: ExperimentConfig) -> Path:
-    return Path("runs") / f"{cfg.scenario}-{cfg.method}-{cfg.profile}-s{cfg.seed}-{config_hash(cfg)}"
+    return Path("runs") / f"{cfg.scenario}-{cfg.label}-{cfg.profile}-s{cfg.seed}-{config_hash(cfg)}"
 
 
 def option_differences(stored: dict, cfg: ExperimentConfig) -> list[str]:

@@ -21,11 +21,11 @@ CASES = [("deepinv", p) for p in POINTS] + [("free", "mid_checkpoint")]
 _references: dict[str, dict] = {}
 
 
-def _reference(method: str, root: Path, tmp_root: Path, workers: int = 0) -> dict:
-    key = f"{method}-w{workers}"
+def _reference(method: str, root: Path, tmp_root: Path, workers: int = 0, extra: tuple[str, ...] = ()) -> dict:
+    key = f"{method}-w{workers}-{'-'.join(extra)}"
     if key not in _references:
-        out = tmp_root / f"{key}-uninterrupted"
-        proc = fault_matrix.launch(method, root, out, workers=workers)
+        out = tmp_root / f"{method}-w{workers}-{len(_references)}-uninterrupted"
+        proc = fault_matrix.launch(method, root, out, workers=workers, extra=extra)
         assert proc.returncode == 0, proc.stderr[-2000:]
         _references[key] = json.loads((out / "results.json").read_text())
     return _references[key]
@@ -48,4 +48,17 @@ def test_killed_on_ray_then_resumed_equals_an_uninterrupted_ray_run(smoke_root, 
     reference = _reference("deepinv", smoke_root, tmp_root, workers=2)
     cell = fault_matrix.kill_and_resume("deepinv", "mid_checkpoint", smoke_root, tmp_root / "deepinv-ray", reference,
                                         workers=2)
+    assert cell["killed_status"] == -9 and cell["survived"] and cell["results_equal"], cell
+
+
+@pytest.mark.e2e
+def test_real_data_meta_training_killed_then_resumed_equals_an_uninterrupted_run(smoke_root, tmp_path_factory):
+    """train.source=real with a stateful weighting rule: the episode counter, the rule's weights and
+    its previous losses come back from the checkpoint (results and final weights equal)."""
+    tmp_root = tmp_path_factory.getbasetemp() / "faults"
+    extra = ("--set", "train.source=real", "--set", "aggregate.weighting=spsa_track")
+    reference = _reference("deepinv", smoke_root, tmp_root, extra=extra)
+    assert reference["source"] == "real" and reference["weights"]["replay"]
+    cell = fault_matrix.kill_and_resume("deepinv", "after_meta_step", smoke_root, tmp_root / "real", reference,
+                                        extra=extra)
     assert cell["killed_status"] == -9 and cell["survived"] and cell["results_equal"], cell

@@ -121,7 +121,7 @@ class Round:
             self.metrics.update(stats)
             batch = self.on_teachers("grad_at", batch.teachers, self.rule.needs, per_teacher=thetas)
             self.metrics["time/second_pass_s"] = time.perf_counter() - t0
-        self.metrics.update(ex.get(ex.call(ml, "aggregate", *batch.parts)))
+        self.metrics.update(ex.get(ex.call(ml, "aggregate", self.index, *batch.parts)))
 
     @contextlib.contextmanager
     def timed(self, key: str):
@@ -199,13 +199,17 @@ def _rounds(cfg, run_dir: Path, report, start: int, progress, ex, entries, on_ro
     ml = ex.meta
     tr = cfg.train
     method, rule = create_method(cfg), build_rule(cfg)     # the driver's side: the round plan
-    bar = tqdm(range(start, tr.rounds), initial=start, total=tr.rounds, desc=f"{cfg.method} rounds",
+    bar = tqdm(range(start, tr.rounds), initial=start, total=tr.rounds, desc=f"{cfg.label} rounds",
                unit="round", disable=not progress)
     last_val = None
+    # train.source=real: a round is as many meta-updates on real episodes as a data-free round makes
+    # (its replay plus the per-teacher step), so equal rounds are equal meta-update budgets.
+    real = tr.source == "real"
+    replay_batches = tr.replay_batches + (tr.kd_steps if real else 0)
     for r in bar:
         t_round = time.perf_counter()
         rnd = Round(r, cfg, ex, entries, run_dir, rule)
-        batch = method.run_round(rnd)
+        batch = method.run_round(rnd) if not real else None     # real episodes: no teachers
         maybe_fail("after_synthesis", r)
         metrics = rnd.metrics
         if batch is not None and batch.summaries:
@@ -215,7 +219,7 @@ def _rounds(cfg, run_dir: Path, report, start: int, progress, ex, entries, on_ro
                     report.log_images(r, f"synth/teacher_{rec.teacher}",
                                       torch.tensor(np.asarray(rec.images[:50]), dtype=torch.float32))
                     report.save_gallery(r, rec)       # gallery/: captioned with the teacher's label + confidence
-        metrics.update(ex.get(ex.call(ml, "replay", r, tr.replay_batches)))
+        metrics.update(ex.get(ex.call(ml, "replay", r, replay_batches)))
         maybe_fail("after_meta_step", r)
         if (r + 1) % tr.eval_every == 0 or r == tr.rounds - 1:
             val = ex.get(ex.call(ml, "validate", r))
@@ -233,7 +237,8 @@ def _rounds(cfg, run_dir: Path, report, start: int, progress, ex, entries, on_ro
     bar.close()
     state = ex.get(ex.call(ml, "state_dict"))
     return {"best_params": state["best_params"], "meta_updates": state["meta_updates"],
-            "best_val": state["best_val"], "best_round": state["best_round"], "actors_replaced": ex.replaced}
+            "best_val": state["best_val"], "best_round": state["best_round"], "actors_replaced": ex.replaced,
+            "weights": ex.get(ex.call(ml, "weights_report"))}
 
 
 def _synthesis_metrics(summaries: list[TeacherRecord], metrics: dict) -> None:

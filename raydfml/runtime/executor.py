@@ -54,7 +54,7 @@ class InProcessExecutor:
 
         dev = str(resolve_device(cfg.runtime.device))
         self.meta = MetaLearner(cfg.to_dict(), pool_classes, device=dev)
-        self.pools = [TeacherPool(cfg.to_dict(), entries, device=dev)]
+        self.pools = [TeacherPool(cfg.to_dict(), entries, device=dev)] if entries else []   # real episodes: none
         self.replaced = 0
 
     def call(self, role, method: str, *args):
@@ -106,7 +106,7 @@ class RayExecutor:
         self._pool_cls = ray.remote(TeacherPool)
         self._meta_opts, self._pool_classes = dict(num_cpus=cpus, num_gpus=gpus), pool_classes
         self.meta = ray.remote(MetaLearner).options(**self._meta_opts).remote(cfg.for_workers(), pool_classes)
-        self.pools = [self._new_pool() for _ in range(max(1, rt.workers))]
+        self.pools = [self._new_pool() for _ in range(max(1, rt.workers))] if entries else []
         self.replaced = 0
         self._wait_until_scheduled([self.meta, *self.pools])
 

@@ -9,12 +9,14 @@ selection never looks at meta-test). Records from the TeacherPool arrive as obje
 from __future__ import annotations
 
 import copy
+import dataclasses
 import time
 
 import numpy as np
 import torch
 
-from ..aggregation import RuleContext, build_rule
+from ..aggregation import RuleContext, build_rule, build_weighting
+from ..aggregation.weighting import Uniform
 from ..config import ExperimentConfig
 from ..data.augment import augment
 from ..data.registry import get_spec
@@ -23,7 +25,7 @@ from ..records import merge
 from ..utils import task_seed
 from .bank import TaskMemoryBank
 from .parts import build_learner_for, build_meta_model, image_size, meta_split
-from .pool import class_dataset, pool_datasets
+from .pool import CLASS_OFFSET_STRIDE, class_dataset, pool_datasets
 
 
 class MetaLearner:
@@ -54,6 +56,15 @@ class MetaLearner:
         self.pool_classes = list(pool_classes)
         self.image_size = image_size(self.cfg)
         self.rule = build_rule(self.cfg)
+        # Task weighting (aggregate.weighting): one instance per kind of update, each with its own keys.
+        self.weighting = {where: build_weighting(self.cfg, where) for where in ("teachers", "replay")}
+        self.weight_rng = np.random.default_rng([self.cfg.seed, 37])   # SPSA's perturbation directions
+        # train.source=real: replay draws real meta-train episodes instead of the method's tasks.
+        self.real = None
+        if self.cfg.train.source == "real":
+            from .real import RealEpisodes
+
+            self.real = RealEpisodes(self.cfg)
         self.method = create_method(self.cfg)
         self.method.init_central(self)            # the method's own state (FREE's meta-generator, PURER's dataset)
         self.val_splits = {}                      # domain -> meta_val split (one entry outside md)
@@ -138,17 +149,28 @@ class MetaLearner:
                 labels, agree = pred, torch.ones_like(agree)
             self.bank.add(images, labels, tuple(r.classes), agree=agree)
 
-    def aggregate(self, *parts) -> dict:
-        """One meta-update from the records' per-teacher contributions with the configured rule."""
+    def aggregate(self, round_idx: int, *parts) -> dict:
+        """One meta-update from the records' per-teacher contributions with the configured rule; with
+        a task weighting, each teacher's contribution is scaled by its weight first (mean 1)."""
         records = merge(parts)
         ctx = RuleContext(learner=self.learner, params=self.params, device=self.device,
                           outer_lr=self.cfg.learner.outer_lr)
+        weighting = self._weighting("teachers", round_idx)
+        keys = lam = None
+        if not isinstance(weighting, Uniform):
+            keys = [self._record_keys(weighting, r) for r in records]
+            lam = weighting.weights(keys)
+            records = [dataclasses.replace(r, grad=(np.asarray(r.grad) * np.float32(w)).astype(np.float32))
+                       for r, w in zip(records, lam)]
         grads, stats = self.rule(records, ctx)
         stats = dict(stats)
         out = {"kd/grad_norm": self.step(grads, self.kd_opt)}
         loss = stats.pop("loss", None)
         out["kd/loss"] = float(np.mean([r.loss for r in records])) if loss is None else float(loss)
         out.update(stats)
+        if keys is not None:
+            weighting.step(keys, [r.loss for r in records], self.weight_rng)   # from the pre-step losses
+            out.update(weighting.summary("teachers"))
         return out
 
     def displace(self, *parts) -> tuple[dict[int, np.ndarray], dict]:
@@ -158,11 +180,21 @@ class MetaLearner:
         thetas, stats = self.rule.displace(records, theta)
         return {r.teacher: th.numpy() for r, th in zip(records, thetas)}, stats
 
-    # --- replay: MAML-family meta-batches on the method's tasks (the bank by default) ------------
+    # --- replay tasks: the method's (the bank by default) or real episodes ----------------------
 
     def _sample_task(self):
+        """One replay task and its global classes, or None: a real meta-train episode
+        (``train.source=real``; normalised as at meta-test, not augmented, as the with-data baseline)
+        or the method's task (the bank by default; augmented with ``train.augment``)."""
+        from ..data.transforms import normalize
         from ..learners import Task
 
+        if self.real is not None:
+            d, ep = self.real.next()
+            spec = self.real.splits[d].spec
+            task = Task(normalize(ep.support, spec, self.device), ep.support_labels.to(self.device),
+                        normalize(ep.query, spec, self.device), ep.query_labels.to(self.device))
+            return task, self.real.global_classes(d, ep)
         t = self.cfg.train
         sampled = self.method.sample_task(self)
         if sampled is None:
@@ -171,32 +203,75 @@ class MetaLearner:
         classes = sampled[4]
         x_s = self.normalize(augment(x_s.float(), t.augment, self.aug_gen).to(self.device), y_s, classes)
         x_q = self.normalize(augment(x_q.float(), t.augment, self.aug_gen).to(self.device), y_q, classes)
-        return Task(x_s, y_s.to(self.device), x_q, y_q.to(self.device))
+        return Task(x_s, y_s.to(self.device), x_q, y_q.to(self.device)), tuple(int(c) for c in classes)
+
+    # --- task weighting ---------------------------------------------------------------------------
+
+    def _weighting(self, where: str, round_idx: int):
+        """The weighting of ``where``, switched on from round ``weighting.start`` (uniform before)."""
+        w = self.weighting[where]
+        w.active = round_idx >= self.cfg.weighting.start
+        return w
+
+    def _record_keys(self, weighting, record) -> tuple[str, ...]:
+        """A teacher record's keys: the teacher, or its classes for a per-class weighting."""
+        if getattr(weighting, "keys_by_class", False):
+            return self._class_keys(record.classes)
+        return (f"t{int(record.teacher)}",)
+
+    def _class_keys(self, classes) -> tuple[str, ...]:
+        """Keys of a task's global classes: ``c<id>``, or ``d<domain>`` with ``weighting.key=domain``."""
+        if self.cfg.weighting.key == "domain":
+            return tuple(sorted({f"d{int(c) // CLASS_OFFSET_STRIDE}" for c in classes}))
+        return tuple(f"c{int(c)}" for c in classes)
+
+    def weights_report(self) -> dict:
+        """Every weighted key's relative weight (1/w^2, mean 1), per kind of update (for results.json)."""
+        return {where: w.relative() for where, w in self.weighting.items() if not isinstance(w, Uniform) and w.w}
+
+    # --- replay: MAML-family meta-batches on the method's tasks (the bank by default) ------------
 
     def replay(self, round_idx: int, batches: int) -> dict:
-        """``batches`` meta-updates, each the mean meta-gradient of ``meta_batch`` replay tasks."""
+        """``batches`` meta-updates, each the mean meta-gradient of ``meta_batch`` replay tasks (weighted
+        by the task weighting, mean 1, when one is configured)."""
+        weighting = self._weighting("replay", round_idx)
+        uniform = isinstance(weighting, Uniform)
         losses, accs = [], []
         t0 = time.perf_counter()
         for _ in range(batches):
-            total: dict[str, torch.Tensor] = {}
-            n = 0
+            grads, keys, batch_losses = [], [], []
             for _ in range(self.cfg.learner.meta_batch):
-                task = self._sample_task()
-                if task is None:
+                sampled = self._sample_task()
+                if sampled is None:
                     break
+                task, classes = sampled
                 g, stats = self.learner.meta_grads(self.params, task)
-                for k, v in g.items():
-                    total[k] = total.get(k, 0) + v.detach()
+                grads.append(g)
+                keys.append(self._class_keys(classes))
+                batch_losses.append(stats["loss"])
                 losses.append(stats["loss"]); accs.append(stats["acc"])
-                n += 1
+            n = len(grads)
             if n == 0:
                 break
+            lam = None if uniform else weighting.weights(keys)
+            total: dict[str, torch.Tensor] = {}
+            for i, g in enumerate(grads):
+                for k, v in g.items():
+                    v = v.detach() if lam is None else v.detach() * float(lam[i])
+                    total[k] = total.get(k, 0) + v
             self._step({k: v / n for k, v in total.items()})
+            if not uniform:
+                weighting.step(keys, batch_losses, self.weight_rng)
         self.method.after_replay(self, round_idx, accs)
-        return {"replay/loss": float(np.mean(losses)) if losses else float("nan"),
-                "replay/acc": float(np.mean(accs)) if accs else float("nan"),
-                "time/replay_s": time.perf_counter() - t0, "bank/images": len(self.bank),
-                "bank/classes": len(self.bank.classes), "bank/disputed": self.bank.disputed_share()}
+        out = {"replay/loss": float(np.mean(losses)) if losses else float("nan"),
+               "replay/acc": float(np.mean(accs)) if accs else float("nan"),
+               "time/replay_s": time.perf_counter() - t0}
+        if self.real is None:
+            out.update({"bank/images": len(self.bank), "bank/classes": len(self.bank.classes),
+                        "bank/disputed": self.bank.disputed_share()})
+        if not uniform:
+            out.update(weighting.summary("replay"))
+        return out
 
     # --- meta-validation / model selection ----------------------------------------------------
 
@@ -236,6 +311,12 @@ class MetaLearner:
             state["method"] = method_state
         if rule_state is not None:
             state["rule"] = rule_state
+        weighting = {where: w.state_dict() for where, w in self.weighting.items() if not isinstance(w, Uniform)}
+        if weighting:
+            state["weighting"] = weighting
+            state["weight_rng"] = self.weight_rng.bit_generator.state
+        if self.real is not None:
+            state["real"] = self.real.state_dict()
         return state
 
     def load_state_dict(self, state: dict) -> None:
@@ -259,3 +340,9 @@ class MetaLearner:
             self.method.load_state_dict(state["method"])
         if "rule" in state:
             self.rule.load_state_dict(state["rule"])
+        for where, w_state in state.get("weighting", {}).items():
+            self.weighting[where].load_state_dict(w_state)
+        if "weight_rng" in state:
+            self.weight_rng.bit_generator.state = state["weight_rng"]
+        if self.real is not None and "real" in state:
+            self.real.load_state_dict(state["real"])

@@ -98,7 +98,7 @@ def test_free_round_over_both_resolutions_banks_working_size_images(mixed_pool):
         assert 0.0 <= r.teacher_acc <= 1.0 and np.isfinite(r.inv_loss)
     meta.central("generator_step", 0, (False,), records)
     meta.bank_records(records)
-    assert np.isfinite(meta.aggregate(records)["kd/loss"])
+    assert np.isfinite(meta.aggregate(0, records)["kd/loss"])
     assert {c // 1000 for c in meta.bank.classes} == {0, 1}
     assert all(meta.bank._rings[c].shape[-1] == 84 for c in meta.bank.classes)
     stats = meta.replay(0, 1)
