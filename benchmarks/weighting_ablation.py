@@ -31,9 +31,13 @@ T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8
 def cell_config(args, source: str, rule: str, shot: int, seed: int, extra: dict):
     from raydfml.config import resolve
 
+    # Random init depends on neither the rule nor the source: evaluated in the `none` runs only. Every
+    # data-free run reads the seed's per-teacher recoveries from one cache (recovery never depends on
+    # the meta-model), so only the first run of a seed pays for synthesis.
     over = {"data.data_root": str(Path(args.data_root).resolve()), "runtime.workers": 0,
             "train.source": source, "aggregate.weighting": rule, "learner.train_shot": shot,
-            "train.test_shots": (shot,), "train.baselines": ("random_init",), **extra}
+            "train.test_shots": (shot,), "train.baselines": ("random_init",) if rule == "none" else (),
+            "runtime.synth_cache": str(Path(args.out).resolve() / "synth_cache"), **extra}
     cfg = resolve(args.scenario, args.method, args.profile, over, seed=seed)
     cfg.out = str(Path(args.out).resolve() / source / rule / f"{shot}shot" / f"seed{seed}")
     return cfg
@@ -72,13 +76,15 @@ def table(cells: dict, rules: list[str], sources: list[str], shots: list[int], s
     rows, md = [], []
     for shot in shots:
         md += [f"\n**5-way {shot}-shot** (trained and tested at {shot} shot; mean ± std over seeds {seeds}; "
-               "per-run CI95 in brackets; Δ = rule − none, paired by seed, 95% t-interval)\n",
+               "per-run CI95 in brackets; Δ = rule − none, paired by seed, 95% t-interval; spread = max/min of the "
+               "final relative weights 1/w², seed " + str(seeds[0]) + ")\n",
                "| rule | " + " | ".join(f"{'data-free' if s == 'teachers' else 'real data'}" for s in sources) + " |",
                "|---|" + "---|" * len(sources)]
-        rand = {s: [cells[(s, rules[0], shot, k)]["baselines"]["random_init"][0]["accuracy"] for k in seeds]
-                for s in sources}
-        md.append("| random init | " + " | ".join(f"{np.mean(rand[s]):.1f} ± {np.std(rand[s], ddof=1):.1f}"
-                                                   if len(seeds) > 1 else f"{rand[s][0]:.1f}" for s in sources) + " |")
+        rand = {s: [cells[(s, "none", shot, k)]["baselines"]["random_init"][0]["accuracy"] for k in seeds]
+                for s in sources if "none" in rules}
+        if rand:
+            md.append("| random init | " + " | ".join(f"{np.mean(rand[s]):.1f} ± {np.std(rand[s], ddof=1):.1f}"
+                                                       if len(seeds) > 1 else f"{rand[s][0]:.1f}" for s in sources) + " |")
         for rule in rules:
             line = [rule]
             for source in sources:
@@ -98,6 +104,8 @@ def table(cells: dict, rules: list[str], sources: list[str], shots: list[int], s
                     row.update(delta=float(d.mean()), delta_ci95=float(half),
                                significant=bool(abs(d.mean()) > half))
                     text += f"; Δ {d.mean():+.1f} ± {half:.1f}" + ("" if row["significant"] else " n.s.")
+                if row["weight_spread"] is not None:
+                    text += f"; spread {row['weight_spread']:.3g}"
                 rows.append(row)
                 line.append(text)
             md.append("| " + " | ".join(line) + " |")
@@ -133,6 +141,10 @@ def main() -> None:
         rules, sources = args.rules.split(","), args.sources.split(",")
         shots, seeds = [int(s) for s in args.shots.split(",")], [int(s) for s in args.seeds.split(",")]
         plan = [(s, r, k, seed) for seed in seeds for k in shots for s in sources for r in rules]
+        # Per seed: one data-free run first (it fills the recovery cache), the real-data runs beside it,
+        # then the data-free runs that read the cache.
+        plan.sort(key=lambda c: (c[3], 0 if c[0] == "teachers" and (c[1], c[2]) == (rules[0], shots[0])
+                                 else 1 if c[0] != "teachers" else 2))
         cfgs = {key: cell_config(args, *key, extra) for key in plan}       # every option checked up front
     except UserError as exc:
         sys.exit(f"error: {exc}")

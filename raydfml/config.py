@@ -148,6 +148,10 @@ class RuntimeConfig:
     actor_gpus: float | None = None      # None: share the cluster's GPUs among the actors
     pool_strategy: str = "default"      # "spread": place TeacherPool actors on different nodes where possible
     meta_threads: int = 1               # torch threads of the MetaLearner on CPU (more oversubscribe small cores)
+    # A folder where per-teacher recoveries (deepinv, geninv, tgr) are kept and read back by runs that
+    # recover the same teacher with the same synthesis options and seed (ablations over learners or
+    # weightings); None: never cached. Recovery never depends on the meta-model, so results are equal.
+    synth_cache: str | None = None
 
 
 SHARED_SECTIONS = ("data", "pool", "synth", "learner", "train", "runtime", "aggregate", "weighting")

@@ -103,8 +103,54 @@ class TeacherPool:
         return self._synthesizer
 
     def synthesize(self, tid: int, seed: int):
+        """Teacher ``tid``'s recovery with the configured synthesizer, seeded. It never depends on the
+        meta-model, so with ``runtime.synth_cache`` set it is read back from that folder when an earlier
+        run recovered the same teacher with the same synthesis options and seed (runs that differ only
+        in what they do with the images, e.g. the learner or the task weighting, share their recoveries)."""
         spec = self.spec_of(tid)
-        return self.synthesizer.synthesize(self.teacher(tid), self.classes_of(tid), spec.mean, spec.std, seed=seed)
+        cache = self._synth_cache_path(tid, seed)
+        if cache is not None and cache.is_file():
+            return self._read_recovery(cache)
+        rec = self.synthesizer.synthesize(self.teacher(tid), self.classes_of(tid), spec.mean, spec.std, seed=seed)
+        if cache is not None:
+            self._write_recovery(cache, rec)
+        return rec
+
+    def _synth_cache_path(self, tid: int, seed: int):
+        """``<runtime.synth_cache>/<key>.pt``; the key covers everything the recovery depends on."""
+        folder = self.cfg.runtime.synth_cache
+        if not folder:
+            return None
+        import dataclasses
+        import hashlib
+        import json
+        from pathlib import Path
+
+        e, spec = self.entries[tid], self.spec_of(tid)
+        key = {"synth": dataclasses.asdict(self.cfg.synth), "image_size": self.image_size, "seed": int(seed),
+               "teacher": e.record.sha256, "classes": list(self.classes_of(tid)),
+               "mean": list(spec.mean), "std": list(spec.std), "device": self.device.type}
+        digest = hashlib.sha1(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:20]
+        return Path(folder).expanduser().resolve() / f"{digest}.pt"
+
+    @staticmethod
+    def _write_recovery(path, rec) -> None:
+        from ..utils import atomic_path
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path) as tmp:
+            torch.save({"images": rec.images, "labels": rec.labels, "classes": list(rec.classes),
+                        "teacher_acc": rec.teacher_acc, "loss": rec.loss, "passes": rec.passes,
+                        "seconds": rec.seconds}, tmp)
+
+    @staticmethod
+    def _read_recovery(path):
+        from ..synthesis.base import Recovered
+
+        d = torch.load(path, weights_only=True)
+        return Recovered(images=d["images"], labels=d["labels"], classes=tuple(d["classes"]),
+                         teacher_acc=float(d["teacher_acc"]), loss=float(d["loss"]), passes=int(d["passes"]),
+                         seconds=0.0)
 
     def record(self, tid: int, rec) -> TeacherRecord:
         """A ``TeacherRecord`` of a recovery (``synthesis.base.Recovered``), with the teacher's own label

@@ -99,3 +99,32 @@ def test_resume_refuses_another_source_or_weighting(smoke_root, tmp_path):
         other.out = str(run)
         with pytest.raises(UserError, match="started with other options"):
             run_dir_for(other, resume=True)
+
+
+@pytest.mark.e2e
+def test_recoveries_read_back_from_the_synth_cache_give_the_same_run(smoke_root, tmp_path, monkeypatch):
+    """runtime.synth_cache: a second run recovers nothing (the synthesizer is never called) and ends
+    with the same parameters and meta-test; a run with another weighting reads the same recoveries."""
+    from raydfml.experiment import run_experiment
+    from raydfml.runtime.teacher_pool import TeacherPool
+
+    def cfg(name, **over):
+        c = resolve("mr", "deepinv", "smoke", {"data.data_root": str(smoke_root), "runtime.workers": 0,
+                                               "runtime.synth_cache": str(tmp_path / "cache"), **over})
+        c.out = str(tmp_path / name)
+        return c
+
+    first = run_experiment(cfg("first"), progress=False)
+    c = cfg("first")
+    assert len(list((tmp_path / "cache").glob("*.pt"))) == c.train.rounds * c.train.teachers_per_round
+
+    def no_synthesis(self):
+        raise AssertionError("the synthesizer ran although every recovery is cached")
+    monkeypatch.setattr(TeacherPool, "synthesizer", property(no_synthesis))
+    second = run_experiment(cfg("second"), progress=False)
+    assert second["meta_test"] == first["meta_test"] and second["baselines"] == first["baselines"]
+    p1, p2 = (torch.load(tmp_path / n / "checkpoints" / "last.pt", weights_only=True)["meta"]["params"]
+              for n in ("first", "second"))
+    assert all(torch.equal(p1[k], p2[k]) for k in p1)
+    run_experiment(cfg("weighted", **{"aggregate.weighting": "spsa"}), progress=False)
+    assert len(list((tmp_path / "cache").glob("*.pt"))) == c.train.rounds * c.train.teachers_per_round
