@@ -16,10 +16,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         description="Train a few-shot learner from a pool of teachers without their data, on Ray.",
         epilog="Examples:\n  python launch.py --scenario mr\n  python launch.py --scenario mr --profile smoke --workers 0\n"
                "  python launch.py --scenario mr --set learner.inner_lr=0.05 --set train.rounds=40\n"
-               "  python launch.py --scenario ma --method tgr --set tgr.groups=4 --set igr.eta=0.01\n\n"
+               "  python launch.py --scenario ma --method tgr --set tgr.groups=4 --set igr.eta=0.01\n"
+               "  python launch.py --scenario mr --set aggregate.weighting=uncertainty   # MTM task weighting\n"
+               "  python launch.py --scenario mr --set train.source=real                 # meta-train on real episodes\n\n"
                "Options of a method or an aggregation rule live in the section named after it (free.warmup,\n"
                "purer.adv_start, tgr.groups, align.scale, igr.form); the shared sections are data, pool, synth,\n"
-               "learner, train, runtime and aggregate (see raydfml/config.py and raydfml/methods/).")
+               "learner, train, runtime, aggregate and weighting (see raydfml/config.py and raydfml/methods/).")
     p.add_argument("--scenario", default="mr", help=f"teacher-pool scenario: {', '.join(SCENARIOS)} (default mr)")
     p.add_argument("--method", default=None,
                    help=f"method: {', '.join(method_names())} (default: the scenario's, "
