@@ -12,8 +12,9 @@ PACKAGE = Path(__file__).resolve().parents[1] / "raydfml"
 
 # Low to high: a module may import its own layer's modules and those of the layers below it.
 LAYERS = [
-    {"errors", "utils", "registry", "faults"},
-    {"data", "models", "learners", "synthesis", "aggregation", "records", "evaluation", "cluster", "zoo"},
+    {"errors", "utils", "registry", "faults", "presets"},
+    {"data", "models", "learners", "synthesis", "aggregation", "records", "evaluation", "cluster", "zoo",
+     "blackbox"},
     {"methods"},
     {"plugins", "config"},
     {"runtime"},
