@@ -38,6 +38,7 @@ ROWS = [  # (label, breakdown key, how to show it)
     ("teachers: data (sum)", "teacher_data", "s"),
     ("teachers: training (sum)", "train", "s"),
     ("teachers: evaluation (sum)", "evaluate", "s"),
+    ("teachers: CPU time per teacher (mean)", "cpu_per_teacher", "s"),
     ("teachers: kernel CPU time (sum)", "system", "s"),
     ("teachers: page faults (sum)", "page_faults", "M"),
     ("driver: files + manifest", "write", "s"),

@@ -183,12 +183,12 @@ def keep_freed_memory(trim_threshold: int = 1 << 30) -> bool:
     32 x 32 floats), just above glibc's largest mmap threshold (32 MB), and the held-out evaluation's
     batches of 512 four times that. Each such block was mmap'ed and munmap'ed within the step, and the
     kernel faulted in and zeroed fresh pages for it every time. On the glyph quick profile
-    (``benchmarks/zoo_scaling.py --malloc-defaults``, docs/benchmarks.md) that was 0.3-0.6 million page
-    faults and 0.45-0.8 s of kernel time per teacher of ~7 s on a Ray worker (in-process, up to 1.8
-    million and 2.4 s), and page faults of two processes at once contend in the kernel (two processes
-    faulting together took 1.7x the kernel time per fault of one alone). With this setting a teacher
-    takes ~0.02 million faults and ~0.03 s of kernel time. Nothing computed changes (the same teacher
-    files, byte for byte).
+    (``benchmarks/zoo_scaling.py --malloc-defaults``, docs/benchmarks.md) that was 0.3-0.8 million page
+    faults and 0.4-1.0 s of kernel time per teacher of ~7 s on a Ray worker (in-process, up to 1.8
+    million and 2.4 s), and page faults of two processes at once contend in the kernel (a loop of 33 MB
+    allocate-touch-free took 1.7x the kernel time per fault with two processes running it at once). With
+    this setting a teacher takes 0.02-0.04 million faults and 0.03-0.08 s of kernel time. Nothing
+    computed changes (the same teacher files, byte for byte).
 
     It lasts for the process's life, so it is called only in the Ray workers that train teachers, never in
     the user's own interpreter: a worker then keeps what it freed for its next tasks (free heap beyond

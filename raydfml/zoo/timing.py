@@ -48,7 +48,9 @@ class BuildTimes:
 
         ``worker_start`` is, per worker process, the wait of its first teacher between being queued
         and starting (process start, imports, fetching the arguments), summed over workers; ``busy``
-        is the share of ``max(1, workers) x total`` spent inside the teachers' training functions.
+        is the share of ``max(1, workers) x total`` spent inside the teachers' training functions;
+        ``cpu_per_teacher`` the mean CPU seconds (user + kernel) of a teacher's training, which other
+        processes on the machine inflate far less than its wall time.
         """
         first: dict[int, TeacherTimes] = {}
         for t in sorted(self.teachers, key=lambda t: t.started):
@@ -60,6 +62,7 @@ class BuildTimes:
                 "train": sum(t.train for t in self.teachers),
                 "evaluate": sum(t.evaluate for t in self.teachers),
                 "system": sum(t.system for t in self.teachers),
+                "cpu_per_teacher": sum(t.user + t.system for t in self.teachers) / max(1, len(self.teachers)),
                 "page_faults": float(sum(t.page_faults for t in self.teachers)),
                 "write": self.write, "busy": busy / (max(1, self.workers) * self.total) if self.total else 0.0,
                 "threads": float(max((t.threads for t in self.teachers), default=0))}
