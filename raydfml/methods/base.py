@@ -11,9 +11,12 @@ meta-parameters), ``on_teachers(hook, teachers, *shared, per_teacher=...)`` (run
 kept in the object store), ``on_meta(hook, *args, records=batch)`` (runs ``central_<hook>`` on the
 MetaLearner with the batch's full records, passed by reference), ``bank(batch)`` (recovered images
 into the task memory bank), ``aggregate(batch)`` (one meta-update with the configured rule, two
-passes when the rule asks), ``rule`` and ``metrics`` (the round's metrics dict). It returns the
-batch of recovered images it wants logged (or ``None``); replay, meta-validation, checkpoints and
-logging follow generically.
+passes when the rule asks), ``rule``, ``metrics`` (the round's metrics dict) and ``log_images``
+(True in the rounds whose images the driver logs: the first and every ``train.eval_every``). It
+returns the batch of recovered images it wants logged (or ``None``): its summaries give the round's
+recovery metrics, and in ``log_images`` rounds up to two of its records with images become TensorBoard
+grids and ``gallery/`` PNGs captioned with the teacher's own labels (``TeacherRecord.predicted``/
+``confidence``). Replay, meta-validation, checkpoints and logging follow generically.
 
 TeacherPool (``raydfml.runtime.teacher_pool``): ``teacher_<hook>(pool, round_idx, teacher, payload,
 *shared) -> TeacherRecord``, once per teacher; ``payload`` is that teacher's entry of ``per_teacher``.

@@ -84,26 +84,44 @@ class Purer(Method):
         t0 = time.perf_counter()
         teachers = rnd.draw_teachers()
         classes = {t: rnd.entries[t].global_classes for t in teachers}
+        last = self.options.data_steps - 1
         for step in range(self.options.data_steps):      # the hardening term (when due) joins the first step
             rows = rnd.on_meta("rows", classes)
-            batch = rnd.on_teachers("row_grads", teachers, step, per_teacher=rows)
+            # Only in a round the driver logs do the teachers send their rows back (with their own labels):
+            # otherwise the images would cross the object store twice per step for nothing.
+            with_images = rnd.log_images and step == last
+            batch = rnd.on_teachers("row_grads", teachers, step, with_images, per_teacher=rows)
             rnd.metrics.update(rnd.on_meta("step", records=batch))
         rnd.metrics["time/synthesis_s"] = time.perf_counter() - t0
-        for rec in batch.summaries:
-            key = f"teachers/{rec.arch}"
-            rnd.metrics[key] = rnd.metrics.get(key, 0.0) + 1.0
-        return None                     # the dataset is not a per-teacher recovery to log
+        # The last step's batch: its summaries give the round's teacher counts and accuracies (per
+        # architecture and per teacher, as for every method); in a logged round its records hold the rows
+        # for the galleries. PURER's images are shared, not per teacher: a class's rows are one slice of the
+        # central dataset, optimised against every drawn teacher that knows the class (their gradients are
+        # summed), round after round. So gallery/round<r>_teacher<t>.png shows the rows of teacher t's
+        # classes as t received them in the round's last data step (before that step's Adam update),
+        # captioned with t's own label and confidence; a teacher sharing a class gets its own PNG of the
+        # same rows with its own captions.
+        return batch
 
     # --- TeacherPool ------------------------------------------------------------------------------
-    def teacher_row_grads(self, pool, round_idx: int, tid: int, rows, step: int = 0) -> TeacherRecord:
-        """The teacher's inversion loss on its classes' current rows and its gradient w.r.t. them."""
+    def teacher_row_grads(self, pool, round_idx: int, tid: int, rows, step: int = 0,
+                          with_images: bool = False) -> TeacherRecord:
+        """The teacher's inversion loss on its classes' current rows and its gradient w.r.t. them; with
+        ``with_images`` also the rows themselves with the teacher's own label and confidence for each."""
         classes, spec = pool.classes_of(tid), pool.spec_of(tid)
         keys = (self.cfg.seed, round_idx, tid, 1) if step == 0 else (self.cfg.seed, round_idx, tid, 1, step)
         rec = purer_teacher_loss(pool.teacher(tid), classes, torch.from_numpy(np.asarray(rows).copy()).to(pool.device),
                                  spec.mean, spec.std, seed=task_seed(*keys), **self.loss_config())
-        return TeacherRecord(teacher=tid, arch=pool.arch_of(tid), classes=classes, inv_loss=rec.loss,
-                             teacher_acc=rec.teacher_acc, seconds=rec.seconds,
-                             state_grad=rec.state_grad["rows"].detach().cpu().numpy())
+        if with_images:             # labels: each row's class in the teacher's head; predicted: its argmax
+            record = pool.record(tid, rec)
+        else:
+            record = TeacherRecord(teacher=tid, arch=pool.arch_of(tid), classes=classes, inv_loss=rec.loss,
+                                   teacher_acc=rec.teacher_acc, seconds=rec.seconds)
+        # The teacher's passes so far this round (one per data step): the last step's records sum to the
+        # round's total, which is what the driver reports as synth/passes.
+        record.passes = step + 1
+        record.state_grad = rec.state_grad["rows"].detach().cpu().numpy()
+        return record
 
     # --- MetaLearner ------------------------------------------------------------------------------
     def init_central(self, ml) -> None:

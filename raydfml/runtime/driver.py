@@ -75,10 +75,15 @@ def load_checkpoint(run_dir: Path) -> dict:
 class Round:
     """What a method's round plan may do in round ``index`` (see :mod:`raydfml.methods.base`)."""
 
-    def __init__(self, index: int, cfg: ExperimentConfig, executor, entries, run_dir: Path, rule):
+    def __init__(self, index: int, cfg: ExperimentConfig, executor, entries, run_dir: Path, rule,
+                 log_images: bool = False):
         self.index, self.cfg, self.entries, self.run_dir, self.rule = index, cfg, entries, Path(run_dir), rule
         self.ex = executor
         self.metrics: dict[str, float] = {}
+        # Whether the driver logs the images of the batch the round plan returns (TensorBoard grids and
+        # gallery/ PNGs). A method whose teacher work returns no images by default (its images live in
+        # central state) attaches them, with the teacher's own labels, only in rounds where this is True.
+        self.log_images = log_images
 
     def draw_teachers(self) -> list[int]:
         """The round's teachers: a seeded draw of ``train.teachers_per_round`` without replacement."""
@@ -208,14 +213,15 @@ def _rounds(cfg, run_dir: Path, report, start: int, progress, ex, entries, on_ro
     replay_batches = tr.replay_batches + (tr.kd_steps if real else 0)
     for r in bar:
         t_round = time.perf_counter()
-        rnd = Round(r, cfg, ex, entries, run_dir, rule)
+        log_images = report is not None and (r == start or (r + 1) % tr.eval_every == 0)
+        rnd = Round(r, cfg, ex, entries, run_dir, rule, log_images=log_images)
         batch = method.run_round(rnd) if not real else None     # real episodes: no teachers
         maybe_fail("after_synthesis", r)
         metrics = rnd.metrics
         if batch is not None and batch.summaries:
             _synthesis_metrics(batch.summaries, metrics)
-            if report is not None and (r == start or (r + 1) % tr.eval_every == 0):
-                for rec in rnd.fetch(batch)[:2]:
+            if log_images:
+                for rec in [rec for rec in rnd.fetch(batch) if rec.images is not None][:2]:
                     report.log_images(r, f"synth/teacher_{rec.teacher}",
                                       torch.tensor(np.asarray(rec.images[:50]), dtype=torch.float32))
                     report.save_gallery(r, rec)       # gallery/: captioned with the teacher's label + confidence

@@ -14,6 +14,8 @@ unstable on short CPU budgets (reference/glyph_probe.md).
 from __future__ import annotations
 
 import copy
+import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +31,7 @@ from ..errors import UserError
 from ..models import BACKBONES, build_model
 from ..utils import atomic_path, exclusive_lock, sha256_file
 from .manifest import TeacherRecord, read_manifest, write_manifest
+from .timing import BuildTimes, Stopwatch, TeacherTimes
 
 POLICIES = ("disjoint", "random")
 HELDOUT_FRACTION = 0.2
@@ -117,8 +120,11 @@ def _accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch: i
 
 
 def train_teacher(images: np.ndarray, labels: np.ndarray, classes: tuple[int, ...], cfg: ZooConfig, seed: int,
-                  device: torch.device | str = "cpu") -> tuple[dict[str, torch.Tensor], float]:
-    """Train one teacher; return the best-held-out state dict (a copy, on CPU) and its held-out accuracy."""
+                  device: torch.device | str = "cpu", times: TeacherTimes | None = None
+                  ) -> tuple[dict[str, torch.Tensor], float]:
+    """Train one teacher; return the best-held-out state dict (a copy, on CPU) and its held-out accuracy.
+    ``times``, if given, gets the seconds spent on its data, training and evaluation."""
+    t0 = time.perf_counter()
     spec = get_spec(cfg.dataset)
     size = cfg.image_size or spec.image_size
     torch.manual_seed(seed)
@@ -128,7 +134,9 @@ def train_teacher(images: np.ndarray, labels: np.ndarray, classes: tuple[int, ..
     y_tr = torch.as_tensor(tr_y, device=device)
     x_ho = normalize(torch.from_numpy(np.ascontiguousarray(images[ho])), spec, device)
     y_ho = torch.as_tensor(ho_y, device=device)
+    data_s, train_s, eval_s = time.perf_counter() - t0, 0.0, 0.0
 
+    t0 = time.perf_counter()            # a stretch of training begins (here, and after each evaluation)
     model = build_model(cfg.arch, num_classes=len(classes), image_size=size, width=cfg.width).to(device)
     steps_per_epoch = max(1, int(np.ceil(len(tr) / cfg.batch_size)))
     if cfg.arch == "conv4" or cfg.optimizer == "adam":
@@ -149,19 +157,67 @@ def train_teacher(images: np.ndarray, labels: np.ndarray, classes: tuple[int, ..
             torch.nn.utils.clip_grad_norm_(model.parameters(), 50.0)
             opt.step()
             sched.step()
+        t1 = time.perf_counter()
+        train_s += t1 - t0
         acc = _accuracy(model, x_ho, y_ho)
         if acc > best_acc:
             # A deep copy: the seeds kept a reference and so saved the last epoch (reference bug B5).
             best_acc, best_state = acc, copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()})
+        t0 = time.perf_counter()
+        eval_s += t0 - t1
     assert best_state is not None
+    if times is not None:
+        times.data, times.train, times.evaluate = data_s, train_s, eval_s
     return best_state, best_acc
 
 
-def _train_task(images: np.ndarray, labels: np.ndarray, classes: tuple[int, ...], cfg: ZooConfig, seed: int):
-    """Body of the Ray task: pick the device Ray gave us (one CPU thread, or a GPU share)."""
+# glibc's mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+
+
+def keep_freed_memory(trim_threshold: int = 1 << 30) -> bool:
+    """Have glibc's malloc in this process keep freed memory for reuse instead of handing it back to the
+    kernel (no ``mmap`` for large blocks; up to ``trim_threshold`` bytes of free heap kept). True if set.
+
+    Why: a conv4 step on a batch of 128 32-px images allocates activations of 33.5 MB each (128 x 64 x
+    32 x 32 floats), just above glibc's largest mmap threshold (32 MB), and the held-out evaluation's
+    batches of 512 four times that. Each such block was mmap'ed and munmap'ed within the step, and the
+    kernel faulted in and zeroed fresh pages for it every time. On the glyph quick profile
+    (``benchmarks/zoo_scaling.py --malloc-defaults``, docs/benchmarks.md) that was 0.3-0.8 million page
+    faults and 0.4-1.0 s of kernel time per teacher of ~7 s on a Ray worker (in-process, up to 1.8
+    million and 2.4 s), and page faults of two processes at once contend in the kernel (a loop of 33 MB
+    allocate-touch-free took 1.7x the kernel time per fault with two processes running it at once). With
+    this setting a teacher takes 0.02-0.04 million faults and 0.03-0.08 s of kernel time. Nothing
+    computed changes (the same teacher files, byte for byte).
+
+    It lasts for the process's life, so it is called only in the Ray workers that train teachers, never in
+    the user's own interpreter: a worker then keeps what it freed for its next tasks (free heap beyond
+    ``trim_threshold``, 1 GiB, still goes back to the kernel), so its memory stays near its peak. ``RAYDFML_KEEP_FREED_MEMORY=0`` in the
+    workers' environment leaves glibc's defaults (``benchmarks/zoo_scaling.py --malloc-defaults``
+    measures the difference). Elsewhere than glibc (macOS, musl) it does nothing.
+    """
+    if os.environ.get("RAYDFML_KEEP_FREED_MEMORY", "1") == "0":
+        return False
+    try:
+        import ctypes
+
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, int(trim_threshold)))
+
+
+def _train_task(images: np.ndarray, labels: np.ndarray, classes: tuple[int, ...], cfg: ZooConfig, seed: int,
+                times: TeacherTimes):
+    """Body of the Ray task: pick the device Ray gave us (one CPU thread, or a GPU share); the arrays
+    are the split's, shared through the object store (read in place, not copied per task)."""
     from ..cluster import worker_device
 
-    return train_teacher(images, labels, classes, cfg, seed, worker_device())
+    times.kept_freed_memory = keep_freed_memory()
+    device = worker_device()
+    with Stopwatch(times):
+        state, acc = train_teacher(images, labels, classes, cfg, seed, device, times)
+    return state, acc, times
 
 
 def _plan_difference(rec: TeacherRecord, cfg: ZooConfig, classes: tuple[int, ...], size: int) -> str | None:
@@ -192,27 +248,36 @@ def _reusable(rec: TeacherRecord, zoo_dir: Path, cfg: ZooConfig, classes: tuple[
 
 
 def build_zoo(cfg: ZooConfig, zoo_dir: str | Path, data_root: str | Path, workers: int = 1,
-              device: str = "auto", progress: bool = True, split: ImageSplit | None = None) -> list[TeacherRecord]:
+              device: str = "auto", progress: bool = True, split: ImageSplit | None = None,
+              times: BuildTimes | None = None) -> list[TeacherRecord]:
     """Train (or reuse) every teacher of ``cfg`` into ``zoo_dir``; returns the manifest records.
 
     Teachers whose file still matches its manifest checksum are skipped, so a re-run is a no-op and
     an interrupted build resumes. The manifest is rewritten after every finished teacher.
-    ``workers=0`` trains in this process; ``workers>=1`` runs that many Ray tasks at once.
+    ``workers=0`` trains in this process; ``workers>=1`` runs that many Ray tasks at once. Every
+    teacher's training is seeded by (``cfg.seed``, its id) alone, so the weights do not depend on the
+    number of workers. ``times`` (a ``BuildTimes``), if given, records where the time went.
     """
     cfg.validate()
+    times = times if times is not None else BuildTimes()
+    times.workers, times.start = max(0, workers), time.time()
     zoo_dir = Path(zoo_dir).resolve()
     zoo_dir.mkdir(parents=True, exist_ok=True)
     with exclusive_lock(zoo_dir / ".lock", f"zoo {zoo_dir}"):      # two builds never interleave manifests
-        return _build_zoo(cfg, zoo_dir, data_root, workers, device, progress, split)
+        records = _build_zoo(cfg, zoo_dir, data_root, workers, device, progress, split, times)
+    times.total = time.time() - times.start
+    return records
 
 
 def _build_zoo(cfg: ZooConfig, zoo_dir: Path, data_root, workers: int, device: str, progress: bool,
-               split: ImageSplit | None) -> list[TeacherRecord]:
+               split: ImageSplit | None, times: BuildTimes) -> list[TeacherRecord]:
     spec = get_spec(cfg.dataset)
     size = cfg.image_size or spec.image_size
     if split is None:
+        t0 = time.perf_counter()
         ensure_dataset(data_root, cfg.dataset)
         split = load_split(data_root, cfg.dataset, "meta_train", image_size=size)
+        times.data = time.perf_counter() - t0
     plans = plan_classes(cfg, split.num_classes)
 
     manifest = read_manifest(zoo_dir, missing_ok=True)
@@ -233,12 +298,14 @@ def _build_zoo(cfg: ZooConfig, zoo_dir: Path, data_root, workers: int, device: s
             records[tid] = rec
 
     def finish(tid: int, classes: tuple[int, ...], state: dict, acc: float) -> None:
+        t0 = time.perf_counter()
         fname = f"teacher_{tid:04d}.pt"
         with atomic_path(zoo_dir / fname) as tmp:
             torch.save(state, tmp)
         records[tid] = TeacherRecord(tid, cfg.dataset, cfg.arch, cfg.width, size, classes, round(acc, 6),
                                      cfg.seed, cfg.epochs, fname, sha256_file(zoo_dir / fname))
         write_manifest(zoo_dir, list(records.values()))
+        times.write += time.perf_counter() - t0
 
     bar = tqdm(total=len(plans), initial=len(plans) - len(todo), desc=f"teachers ({cfg.arch})", unit="teacher",
                disable=not progress)
@@ -247,37 +314,50 @@ def _build_zoo(cfg: ZooConfig, zoo_dir: Path, data_root, workers: int, device: s
 
         dev = resolve_device(device)
         for tid, classes in todo:
-            state, acc = train_teacher(split.images, split.labels, classes, cfg, teacher_seed(cfg.seed, tid), dev)
+            teacher_times = TeacherTimes(tid, queued=time.time())
+            with Stopwatch(teacher_times):
+                state, acc = train_teacher(split.images, split.labels, classes, cfg, teacher_seed(cfg.seed, tid), dev,
+                                           teacher_times)
+            times.teachers.append(teacher_times)
             finish(tid, classes, state, acc)
             bar.update(1)
             bar.set_postfix(last_acc=f"{acc:.3f}")
     elif todo:
-        _build_on_ray(cfg, split, todo, workers, finish, bar)
+        _build_on_ray(cfg, split, todo, workers, finish, bar, times)
     bar.close()
     if not todo:
         write_manifest(zoo_dir, list(records.values()))
     return [records[k] for k in sorted(records)]
 
 
-def _build_on_ray(cfg, split, todo, workers, finish, bar) -> None:
+def _build_on_ray(cfg, split, todo, workers, finish, bar, times: BuildTimes) -> None:
+    """Each teacher is an independent Ray task; ``workers`` of them run at once and the next starts as
+    soon as any finishes (results are taken as they complete, not in teacher order). The split goes
+    into the object store once and every task reads it there."""
     import ray
 
     from ..cluster import ensure_ray, gpu_fraction
 
+    t0 = time.perf_counter()
     ensure_ray()
+    times.ray_start = time.perf_counter() - t0
     task = ray.remote(_train_task).options(num_cpus=1, num_gpus=gpu_fraction(workers), max_retries=1)
+    t0 = time.perf_counter()
     images_ref, labels_ref = ray.put(split.images), ray.put(split.labels)
+    times.put = time.perf_counter() - t0
     pending: dict = {}
     queue = list(todo)
     while queue or pending:
         while queue and len(pending) < workers:
             tid, classes = queue.pop(0)
-            ref = task.remote(images_ref, labels_ref, classes, cfg, teacher_seed(cfg.seed, tid))
+            ref = task.remote(images_ref, labels_ref, classes, cfg, teacher_seed(cfg.seed, tid),
+                              TeacherTimes(tid, queued=time.time()))
             pending[ref] = (tid, classes)
         done, _ = ray.wait(list(pending), num_returns=1)
         for ref in done:
             tid, classes = pending.pop(ref)
-            state, acc = ray.get(ref)
+            state, acc, teacher_times = ray.get(ref)
+            times.teachers.append(teacher_times)
             finish(tid, classes, state, acc)
             bar.update(1)
             bar.set_postfix(last_acc=f"{acc:.3f}")

@@ -1,3 +1,4 @@
+import os
 import subprocess
 import sys
 import time
@@ -127,3 +128,30 @@ def test_two_builds_of_one_zoo_never_interleave(zoo, glyph_root):
         with pytest.raises(UserError, match=r"zoo .*another process \(pid \d+ on .+\) is writing it"):
             build_zoo(cfg, zoo_dir, glyph_root, workers=0, progress=False)
     assert build_zoo(cfg, zoo_dir, glyph_root, workers=0, progress=False) == records
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_the_teachers_do_not_depend_on_the_number_of_workers(workers, smoke_root, ray_session, tmp_path):
+    """The mr smoke zoo, built in-process by the smoke_root fixture, rebuilt on 1 or 2 Ray workers: the
+    same teacher files byte for byte (each teacher is seeded by (seed, id) alone), with the driver
+    keeping ``workers`` teachers in flight and every worker training with one torch thread."""
+    from raydfml.config import resolve
+    from raydfml.runtime.pool import pool_zoos
+    from raydfml.zoo import BuildTimes, load_teacher_state
+
+    (zcfg, reference_dir, _), = pool_zoos(resolve("mr", "deepinv", "smoke", {"data.data_root": str(smoke_root)}))
+    reference = read_manifest(reference_dir)
+    times = BuildTimes()
+    records = build_zoo(zcfg, tmp_path / "zoo", smoke_root, workers=workers, progress=False, times=times)
+    assert [(r.teacher_id, r.classes, r.heldout_acc, r.sha256) for r in records] == \
+        [(r.teacher_id, r.classes, r.heldout_acc, r.sha256) for r in reference]
+    for ref, rec in zip(reference, records):
+        a, b = load_teacher_state(reference_dir, ref), load_teacher_state(tmp_path / "zoo", rec)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # Where the time went: one entry per teacher, trained on a Ray worker (not this process) with one thread.
+    assert sorted(t.teacher for t in times.teachers) == [r.teacher_id for r in records]
+    assert all(t.threads == 1 and t.worker != os.getpid() and t.train > 0 for t in times.teachers)
+    queued = sorted(t.queued for t in times.teachers)
+    first_done = min(t.finished for t in times.teachers)
+    assert sum(q < first_done for q in queued) == workers       # the first `workers` were submitted at once
+    assert times.breakdown()["total"] == pytest.approx(times.total) and times.total > 0
