@@ -47,6 +47,9 @@ class PoolConfig:
     zoo_dir: str | None = None          # None: <data_root>/zoo/<derived name>
     arch_plans: str = "distinct"        # distinct: each architecture's zoo gets its own class subsets | shared
     seed: int = 0
+    # Black-box teachers (scenarios ss, sh, mh): the TeacherPool hands methods only prediction APIs
+    # (``TeacherPool.api``), so only methods that learn through APIs (``Method.black_box``) run.
+    black_box: bool = False
 
 
 @dataclass
@@ -462,4 +465,9 @@ def validate(cfg: ExperimentConfig) -> None:
     check_weighting(cfg)
     if hasattr(rule, "validate"):
         rule.validate(cfg)
-    method_registry().get(cfg.method, option="--method").validate(cfg)
+    impl = method_registry().get(cfg.method, option="--method")
+    if cfg.pool.black_box and not impl.black_box:
+        raise UserError(f"--method {cfg.method}: needs white-box teachers (weights, BN statistics or gradients), and "
+                        f"scenario {cfg.scenario}'s teachers are black-box APIs (pool.black_box); use a black-box "
+                        "method such as bidf")
+    impl.validate(cfg)

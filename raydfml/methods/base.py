@@ -43,6 +43,8 @@ class Method:
     profiles: ClassVar[dict[str, dict[str, Any]]] = {}  # per profile (smoke/quick/paper): more dotted values
     scenarios: ClassVar[tuple[str, ...] | None] = None  # scenarios it runs in (None: every one)
     two_pass_rules: ClassVar[bool] = True               # whether its teachers can redo a task for a second pass
+    black_box: ClassVar[bool] = False                   # True: learns through prediction APIs only (pool.api),
+                                                        # so the TeacherPool refuses white-box access (pool.teacher)
 
     def __init__(self, cfg):
         self.cfg = cfg
@@ -96,6 +98,10 @@ class Method:
 
     def after_replay(self, ml, round_idx: int, accuracies: list[float]) -> None:
         """Called after each round's replay with the replay tasks' training accuracies."""
+
+    def report(self, ml) -> dict:
+        """Extra top-level fields for results.json from the method's central state (e.g. query totals)."""
+        return {}
 
     def state_dict(self) -> dict | None:
         return None
