@@ -43,6 +43,8 @@ class Method:
     profiles: ClassVar[dict[str, dict[str, Any]]] = {}  # per profile (smoke/quick/paper): more dotted values
     scenarios: ClassVar[tuple[str, ...] | None] = None  # scenarios it runs in (None: every one)
     two_pass_rules: ClassVar[bool] = True               # whether its teachers can redo a task for a second pass
+    free_on_resume: ClassVar[tuple[str, ...]] = ()      # its options (dotted) that only limit a run (a query
+                                                        # budget): --resume may change them, the run dir keeps its name
     black_box: ClassVar[bool] = False                   # True: learns through prediction APIs only (pool.api),
                                                         # so the TeacherPool refuses white-box access (pool.teacher)
 

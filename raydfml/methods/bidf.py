@@ -79,6 +79,7 @@ class BidfConfig:
 class Bidf(Method):
     Config = BidfConfig
     black_box = True
+    free_on_resume = ("bidf.max_images", "bidf.max_images_per_api")     # a larger budget continues the run
     preset = {"synth.name": "generator", "aggregate.rule": "mean", "train.kd_steps": 1}
     # smoke: seconds per visit on a CPU (2 directions, 2 KD steps); the boundary term is on from round 1.
     # paper: the original's schedule read as rounds = API visits: at most 300 visits (60000 meta-iterations,
