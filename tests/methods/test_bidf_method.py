@@ -128,6 +128,17 @@ def test_a_run_budget_stops_cleanly_and_a_larger_one_resumes(smoke_root, tmp_pat
     check_queries(results, bigger, tmp_path / "run")
 
 
+def test_a_budget_smaller_than_one_visit_stops_before_round_0_and_resumes(smoke_root, tmp_path):
+    """The checkpoint written before any round (round -1) is usable: --resume starts at round 0."""
+    cfg = bidf_cfg(smoke_root, **{"train.rounds": 1, "bidf.max_images_per_api": 10})
+    with pytest.raises(RunStopped, match="max_images_per_api=10"):
+        run(cfg, tmp_path / "run")
+    assert torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)["round"] == -1
+    unlimited = bidf_cfg(smoke_root, **{"train.rounds": 1})
+    results = run(unlimited, tmp_path / "run", resume=True)
+    check_queries(results, unlimited, tmp_path / "run")
+
+
 def test_a_per_api_budget_stops_before_the_visit_that_would_exceed_it(smoke_root):
     from raydfml.methods import create_method
 
