@@ -21,11 +21,19 @@ TeacherPool (``raydfml.runtime.teacher_pool``): ``teacher_<hook>(pool, round_idx
 meta-model (``params(theta)``, ``learner``, ``meta_model``), ``synthesize(t, seed)`` with the
 configured synthesizer, ``record(t, recovered)``, ``teacher_task(...)``, ``contribute(...)`` (the
 per-teacher gradient or task an aggregation rule needs) and ``cache`` (cleared every round).
+``api(t, output=..., input=...)`` is the teacher as a predict-only ``blackbox.BlackBoxAPI``; a method
+with ``black_box = True`` (or a scenario with ``pool.black_box``) makes the pool black-box:
+``teacher(t)`` and everything built on it refuse, so the method's hooks can only query APIs.
 
 MetaLearner (``raydfml.runtime.meta_learner``): ``init_central(ml)`` builds the method's central
 state; ``central_<hook>(ml, round_idx, records, *args)`` are its steps; ``sample_task(ml)`` draws a
 replay task (default: the task memory bank); ``after_replay(ml, round_idx, accuracies)``;
-``state_dict()``/``load_state_dict()`` put the central state into the run's checkpoint.
+``state_dict()``/``load_state_dict()`` put the central state into the run's checkpoint;
+``report(ml)`` adds top-level fields to results.json (e.g. query totals).
+
+Driver-side exits: a round plan that raises ``errors.RunStopped`` before doing anything (a budget
+would be exceeded) stops the run after a checkpoint of the rounds so far; options listed in
+``free_on_resume`` (budgets) may then change on ``--resume``.
 """
 from __future__ import annotations
 
