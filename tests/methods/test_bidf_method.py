@@ -235,3 +235,24 @@ def test_sh_and_mh_run_on_the_smoke_profile(scenario, smoke_root, tmp_path):
     assert cfg.pool.archs == ("conv4", "resnet10", "resnet18")
     if scenario == "mh":
         assert len(cfg.data.domains) == 2 and set(results["meta_test_domains"]) == set(cfg.data.domains)
+
+
+def test_a_bidf_round_from_two_actors_equals_in_process(ma_pool, ray_session, tmp_path):
+    """Round 1 (boundary term on) on one conv4, one resnet10 and one resnet18 API: the same meta-update
+    and the same query totals whether two Ray actors or one process visit the APIs."""
+    from method_rounds import assert_same_update, executors, last_grad, method_cfg, one_round
+
+    root, entries = ma_pool
+    cfg = method_cfg(root, "bidf", 2)
+    ray_ex, local = executors(cfg, method_cfg(root, "bidf", 0), entries)
+    try:
+        m_ray, _ = one_round(cfg, ray_ex, entries, 1, tmp_path / "ray")
+        m_local, batch = one_round(method_cfg(root, "bidf", 0), local, entries, 1, tmp_path / "local")
+        assert np.linalg.norm(last_grad(local)) > 0
+        assert_same_update(last_grad(ray_ex), last_grad(local))
+        assert {r.arch for r in batch.summaries} == {"conv4", "resnet10", "resnet18"}
+        totals = ray_ex.get(ray_ex.call(ray_ex.meta, "central", "query_totals", 1))
+        assert totals == local.meta.central("query_totals", 1)
+        assert totals["images"] == 3 * visit_images(cfg) == m_ray["queries/images"] == m_local["queries/images"]
+    finally:
+        ray_ex.shutdown()
