@@ -41,6 +41,8 @@ def teacher_average_params(cfg: ExperimentConfig, entries) -> tuple[dict | None,
     from .zoo import load_teacher_state
 
     lc = cfg.learner
+    if cfg.pool.black_box:
+        return None, "teacher_average skipped: the teachers are black-box APIs (their weights are not available)"
     if any(e.record.arch != lc.arch or e.record.width != lc.width for e in entries) or lc.adaptive_pool:
         return None, "teacher_average skipped: teachers and meta-model differ in architecture"
     states = [load_teacher_state(e.zoo_dir, e.record) for e in entries]

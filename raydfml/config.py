@@ -47,6 +47,9 @@ class PoolConfig:
     zoo_dir: str | None = None          # None: <data_root>/zoo/<derived name>
     arch_plans: str = "distinct"        # distinct: each architecture's zoo gets its own class subsets | shared
     seed: int = 0
+    # Black-box teachers (scenarios ss, sh, mh): the TeacherPool hands methods only prediction APIs
+    # (``TeacherPool.api``), so only methods that learn through APIs (``Method.black_box``) run.
+    black_box: bool = False
 
 
 @dataclass
@@ -368,7 +371,7 @@ def resolve(scenario: str = "mr", method: str | None = "deepinv", profile: str =
     layers = [PROFILES[profile], SCENARIOS[scenario]]
     if profile == "smoke":
         layers.insert(1, SMOKE_DATASET)
-        if scenario == "md":                # after the scenario's own domains
+        if "data.domains" in SCENARIOS[scenario]:     # md, mh: after the scenario's own domains
             layers.append(SMOKE_DOMAINS)
     layers += [SCENARIO_PROFILES.get((scenario, profile), {}), dict(impl.preset),
                dict(impl.profiles.get(profile, {})), dict(overrides or {})]
@@ -410,6 +413,8 @@ def auto_augment(cfg: ExperimentConfig) -> str:
 def compatible(scenario: str, method: str) -> bool:
     """Whether ``method`` runs in ``scenario`` (Tune's ``{grid: all}`` skips the pairs that do not)."""
     impl = method_registry().get(method)
+    if SCENARIOS[scenario].get("pool.black_box") and not impl.black_box:
+        return False                        # a white-box method in a black-box scenario (ss, sh, mh)
     return impl.scenarios is None or scenario in impl.scenarios
 
 
@@ -462,4 +467,12 @@ def validate(cfg: ExperimentConfig) -> None:
     check_weighting(cfg)
     if hasattr(rule, "validate"):
         rule.validate(cfg)
-    method_registry().get(cfg.method, option="--method").validate(cfg)
+    impl = method_registry().get(cfg.method, option="--method")
+    if cfg.pool.black_box and "teacher_average" in cfg.train.baselines:
+        raise UserError(f"config train.baselines: teacher_average averages the teachers' weights, and scenario "
+                        f"{cfg.scenario}'s teachers are black-box APIs (pool.black_box); drop it")
+    if cfg.pool.black_box and not impl.black_box:
+        raise UserError(f"--method {cfg.method}: needs white-box teachers (weights, BN statistics or gradients), and "
+                        f"scenario {cfg.scenario}'s teachers are black-box APIs (pool.black_box); use a black-box "
+                        "method such as bidf")
+    impl.validate(cfg)

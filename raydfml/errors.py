@@ -16,6 +16,12 @@ class UserError(Exception):
     """Bad input: the message is shown to the user as a single line."""
 
 
+class RunStopped(UserError):
+    """A method's round plan asks the run to stop before the round does anything (e.g. a query budget
+    would be exceeded). The driver checkpoints the state so far, so ``--resume`` (with a larger budget)
+    continues at that round; the message is shown as a single line."""
+
+
 def user_error_of(exc: BaseException) -> "UserError | None":
     """The one-line user error behind ``exc``, also when it was raised inside a Ray task or actor.
 

@@ -90,6 +90,7 @@ def _run_locked(cfg, run_dir, entries, resume, progress, evaluate, t_start, repo
         results["source"] = cfg.train.source
         if entries:
             results["coverage"] = class_coverage(cfg, entries)
+        results.update(trained.get("method_report") or {})   # a method's own fields (bidf: "queries")
         if trained.get("weights"):
             results["weights"] = trained["weights"]      # each weighted key's final 1/w^2 (mean 1)
         results["provenance"] = provenance(cfg, entries)

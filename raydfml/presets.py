@@ -18,8 +18,23 @@ SCENARIOS: dict[str, dict[str, Any]] = {
            "data.domains": ("glyphs-latin", "glyphs-greek", "glyphs-cyrillic", "glyphs-armenian")},
 }
 
+# Black-box scenarios (BiDf-MKD's API-SS, API-SH, API-MH): the teachers are prediction APIs
+# (pool.black_box), so only black-box methods run; 1-shot meta-training episodes, as the original's
+# scripts. No teacher_average baseline: averaging the teachers' weights needs the weights.
+BLACK_BOX = {"pool.black_box": True, "learner.train_shot": 1,
+             "train.baselines": ("random_init", "with_data", "with_data_pool")}
+SCENARIOS.update({
+    # API-SS ~ mr: one dataset, conv4 APIs
+    "ss": {**SCENARIOS["mr"], **BLACK_BOX},
+    # API-SH ~ ma: one dataset, conv4 / resnet10 / resnet18 APIs
+    "sh": {**SCENARIOS["ma"], **BLACK_BOX},
+    # API-MH ~ md's domains x ma's architectures: one zoo per (domain, architecture), global class ids
+    # offset per domain, the meta-model pools adaptively
+    "mh": {**SCENARIOS["md"], **SCENARIOS["ma"], **BLACK_BOX},
+})
+
 # The method `launch.py --scenario S` runs when --method is not given.
-DEFAULT_METHOD = {"mr": "deepinv", "ma": "free", "md": "free"}
+DEFAULT_METHOD = {"mr": "deepinv", "ma": "free", "md": "free", "ss": "bidf", "sh": "bidf", "mh": "bidf"}
 
 PROFILES: dict[str, dict[str, Any]] = {
     "smoke": {
@@ -64,10 +79,12 @@ SCENARIO_PROFILES: dict[tuple[str, str], dict[str, Any]] = {
     # Three zoos instead of one: 6 teachers per architecture keep `launch.py --scenario ma` from
     # nothing on disk within 10 minutes on 2 cores (ResNet teachers cost 2-3x a conv4 one).
     ("ma", "quick"): {"pool.num_per_arch": 6},
+    ("sh", "quick"): {"pool.num_per_arch": 6},
+    ("mh", "quick"): {"pool.num_per_arch": 6},
 }
 
 # Values for the smoke profile's tiny embedded dataset (so tests generate it in seconds).
 SMOKE_DATASET = {"data.dataset": "glyphs-smoke"}
-# ... and, for scenario md, two tiny single-script domains in place of the full-size ones.
+# ... and, for the scenarios with domains (md, mh), two tiny single-script domains in place of the full-size ones.
 SMOKE_DOMAINS = {"data.domains": ("glyphs-smoke-latin", "glyphs-smoke-greek")}
 

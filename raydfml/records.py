@@ -64,6 +64,7 @@ class TeacherRecord:
     task: TaskArrays | None = None
     state_grad: np.ndarray | None = None       # flat gradient for the central synthesizer state
     embedding: np.ndarray | None = None        # TGR: the teacher's task embedding
+    queries: dict | None = None                # black-box teachers: {api: {"calls": int, "images": int}} this work cost
 
     _ARRAYS = ("images", "labels", "predicted", "confidence", "grad", "task", "state_grad", "embedding")
 

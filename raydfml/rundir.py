@@ -35,16 +35,24 @@ def _added_later() -> dict:
     from .config import WeightingConfig
 
     added = flatten({"weighting": dataclasses.asdict(WeightingConfig())})
-    added.update({"aggregate.weighting": "none", "train.source": "teachers"})
+    added.update({"aggregate.weighting": "none", "train.source": "teachers", "pool.black_box": False})
     return json.loads(json.dumps(added))
 
 
 ADDED_LATER = _added_later()
 
 
+def _method_free_on_resume(method) -> tuple[str, ...]:
+    """The method's options that only limit a run (``Method.free_on_resume``, e.g. a query budget)."""
+    from .methods import METHODS
+
+    return tuple(getattr(METHODS.get(method), "free_on_resume", ())) if method in METHODS else ()
+
+
 def _comparable(cfg_dict: dict) -> dict:
     flat = flatten(json.loads(json.dumps(cfg_dict, default=str)))
-    return {k: v for k, v in flat.items() if not k.startswith(FREE_ON_RESUME)
+    free = FREE_ON_RESUME + _method_free_on_resume(flat.get("method"))
+    return {k: v for k, v in flat.items() if not k.startswith(free)
             and not (k in ADDED_LATER and ADDED_LATER[k] == v)}
 
 

@@ -60,19 +60,31 @@ def test_shipped_sweeps_cover_the_issue():
 
 def test_grid_all_expands_to_every_registered_preset(tmp_path):
     from raydfml.config import SCENARIOS
-    from raydfml.methods import method_names
+    from raydfml.methods import METHODS, method_names
     from raydfml.tune import load_sweep, trial_points
 
-    sweep = load_sweep(_write(tmp_path, {"profile": "smoke", "space": {"scenario": {"grid": "all"},
+    from raydfml.errors import UserError
+
+    sweep = load_sweep(_write(tmp_path, {"profile": "smoke", "space": {"scenario": {"grid": ["mr", "ma", "md"]},
                                                                        "method": {"choice": "all"}}}))
-    assert sweep.space == {"scenario": {"grid": list(SCENARIOS)}, "method": {"choice": method_names()}}
-    assert len(trial_points(sweep)) == len(SCENARIOS) * len(method_names())
+    white_box = [m for m in method_names() if not METHODS.get(m).black_box]
+    assert sweep.space == {"scenario": {"grid": ["mr", "ma", "md"]}, "method": {"choice": method_names()}}
+    assert len(trial_points(sweep)) == 3 * len(method_names())
+    # every scenario (the black-box ones run only black-box methods): a grid over both is one grid of the
+    # pairs that run; a grid of one with a choice of the other cannot leave the others out (one line)
+    both = load_sweep(_write(tmp_path, {"profile": "smoke", "space": {"scenario": {"grid": "all"},
+                                                                      "method": {"grid": "all"}}}))
+    assert len(trial_points(both)) == 3 * len(method_names()) + (len(SCENARIOS) - 3) * (len(method_names()) - len(white_box))
+    with pytest.raises(UserError, match="cannot run") as err:
+        load_sweep(_write(tmp_path, {"profile": "smoke", "space": {"scenario": {"grid": "all"},
+                                                                   "method": {"choice": "all"}}}))
+    assert "\n" not in str(err.value)
 
 
 def test_grid_all_skips_scenarios_a_method_does_not_run_in(tmp_path):
     """A method registered for scenario mr only: {grid: all} over scenarios x methods leaves out its
     ma and md trials (one joint grid of the compatible pairs), and every remaining trial resolves."""
-    from raydfml.config import SCENARIOS
+    from raydfml.config import SCENARIOS, compatible
     from raydfml.methods import METHODS, TeacherRecovery, method_names, register_method
     from raydfml.tune import load_sweep, trial_points
     from raydfml.tune.sweep import point_dims
@@ -88,7 +100,10 @@ def test_grid_all_skips_scenarios_a_method_does_not_run_in(tmp_path):
         pairs = [(d["scenario"], d["method"]) for d in (point_dims(sweep, p) for p in trial_points(sweep))]
         assert ("mr", "mr_only_toy") in pairs
         assert ("ma", "mr_only_toy") not in pairs and ("md", "mr_only_toy") not in pairs
-        assert len(pairs) == len(SCENARIOS) * len(method_names()) - 2
+        # every compatible pair once (the black-box scenarios ss/sh/mh also leave out the white-box methods)
+        expected = [(s, m) for s in SCENARIOS for m in method_names() if compatible(s, m)]
+        assert sorted(pairs) == sorted(expected)
+        assert {s for s, m in expected if m == "mr_only_toy"} == {"mr"}
         only_one = load_sweep(_write(tmp_path, {"scenario": "ma", "profile": "smoke",
                                                 "space": {"method": {"grid": "all"}}}))
         assert "mr_only_toy" not in only_one.space["method"]["grid"]

@@ -156,6 +156,40 @@ def api_cross_entropy(api: BlackBoxAPI, targets: Tensor) -> LossFn:
     return loss
 
 
+def api_boundary_loss(api: BlackBoxAPI, targets: Tensor, student: Callable[[Tensor], Tensor],
+                      weight: float = 1.0) -> LossFn:
+    """BiDf-MKD's "boundary" loss for a query set: the CE against ``targets`` minus ``weight`` times the
+    L1 distance between the API's and the student's answers, counted only where both predict the same
+    class. Minimising it seeks images the API labels as intended on which the (adapted) student agrees
+    in its top-1 but disagrees as much as possible in its scores, i.e. images near the student's boundary.
+
+    ``student``: [0, 1] images -> student logits (a white-box function owned by the caller: the
+    meta-model at its adapted parameters). Unlike the original, which evaluated the student once at
+    the unperturbed images and reused that answer for every perturbation (so the finite differences
+    saw only the API's half of the term), the student is evaluated on every queried batch, so each
+    difference measures the whole loss. The original took the L1 on raw logits; an API that returns
+    only probabilities has none, so there the distance is between probability vectors (the API's and
+    the student's softmax), which also keeps the term on the CE's scale."""
+    if api.output == "label":
+        raise UserError(f"the boundary query set needs an API that returns probabilities or logits; API {api.name!r} "
+                        "returns labels only")
+
+    def loss(images: Tensor, rows: Tensor) -> Tensor:
+        out = api.predict(images)
+        y = targets[rows].to(out.device)
+        if api.output == "logits":
+            base = F.cross_entropy(out, y, reduction="none")
+        else:
+            base = -out.gather(1, y.unsqueeze(1)).squeeze(1).clamp_min(1e-12).log()
+        with torch.no_grad():
+            s = student(images.to(out.device)).float()
+        s = s if api.output == "logits" else F.softmax(s, dim=1)
+        same = (out.argmax(1) == s.argmax(1)).float()
+        return base - float(weight) * (out - s).abs().sum(1) * same
+
+    return loss
+
+
 def direction_seed(seed: int) -> int:
     """A seed for the direction generator that differs from ``seed`` (which seeds latents and
     augmentation): two generators with one seed on one device would draw the same normals."""
@@ -167,7 +201,10 @@ class ZORecovered(Recovered):
     """``Recovered`` plus what the recovery cost at the API, and the real CE of every step."""
     queries: int = 0                       # images sent to the API by this recovery
     calls: int = 0                         # API calls made by this recovery
-    ce_history: tuple[float, ...] = ()     # mean real CE (augmented, unperturbed) at each step's iterate
+    ce_history: tuple[float, ...] = ()     # mean real loss (augmented, unperturbed) at each step's iterate
+    predicted: Tensor | None = None        # int64 per kept image: the API's top-1 label for it
+    confidence: Tensor | None = None       # float32 per kept image: the API's probability of that label (nan
+                                           # when the API answers logits-free labels only)
 
 
 class ZeroOrderRecovery:
@@ -221,9 +258,13 @@ class ZeroOrderRecovery:
         return gen.to(device).train()       # always in train mode, as the seeds: BN on batch statistics
 
     def synthesize(self, api: BlackBoxAPI, classes: Sequence[int], seed: int,
-                   device: str | torch.device | None = None) -> ZORecovered:
+                   device: str | torch.device | None = None, student: Callable[[Tensor], Tensor] | None = None,
+                   boundary_weight: float = 0.0) -> ZORecovered:
         """Recover ``per_class`` images for each of the API's classes (global ids in output order,
-        label j <-> ``classes[j]``), on ``device`` (default: where the API answers)."""
+        label j <-> ``classes[j]``), on ``device`` (default: where the API answers).
+
+        With a ``student`` ([0, 1] images -> logits) and ``boundary_weight > 0`` the loss is BiDf-MKD's
+        boundary loss (``api_boundary_loss``) instead of the plain CE: the boundary query set."""
         t0 = time.perf_counter()
         classes = tuple(int(c) for c in classes)
         if api.classes is not None and api.classes != classes:
@@ -238,7 +279,10 @@ class ZeroOrderRecovery:
         gen = self._generator(seed, device)
         z = torch.randn(way * self.per_class, self.nz, generator=rng).to(device).requires_grad_(True)
         y = torch.arange(way, device=device).repeat_interleave(self.per_class)
-        ce = api_cross_entropy(api, y)
+        if student is not None and boundary_weight > 0:
+            ce = api_boundary_loss(api, y, student, boundary_weight)
+        else:
+            ce = api_cross_entropy(api, y)
         params = [*gen.parameters(), z]
         opt = torch.optim.Adam([{"params": list(gen.parameters()), "lr": self.lr_generator},
                                 {"params": [z], "lr": self.lr_latent}], betas=(0.5, 0.999))
@@ -259,14 +303,21 @@ class ZeroOrderRecovery:
 
         answers = api.predict(kept)
         predicted = answers if api.output == "label" else answers.argmax(1)
+        if api.output == "probs":
+            confidence = answers.max(1).values
+        elif api.output == "logits":
+            confidence = F.softmax(answers, dim=1).max(1).values
+        else:
+            confidence = torch.full((len(answers),), math.nan)
         acc = float((predicted.to(device) == y).float().mean())
         after = api.counts()
         return ZORecovered(images=kept.clamp(0, 1).to("cpu", torch.float16), labels=y.cpu(), classes=classes,
                            teacher_acc=acc, loss=kept_ce, passes=self.steps, seconds=time.perf_counter() - t0,
                            queries=after["images"] - before["images"], calls=after["calls"] - before["calls"],
-                           ce_history=tuple(history))
+                           ce_history=tuple(history), predicted=predicted.cpu().long(),
+                           confidence=confidence.detach().cpu().float())
 
 
 __all__ = ["DEFAULT_GREY_LEVELS", "GREY_LEVEL", "KEEP", "LossFn", "SEED_MU", "ZOEstimate", "ZORecovered",
-           "ZeroOrderRecovery", "api_cross_entropy", "chunk_sizes", "default_mu", "direction_seed",
+           "ZeroOrderRecovery", "api_boundary_loss", "api_cross_entropy", "chunk_sizes", "default_mu", "direction_seed",
            "sphere_directions", "zo_gradient", "zo_surrogate"]

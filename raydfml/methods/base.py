@@ -24,11 +24,19 @@ TeacherPool (``raydfml.runtime.teacher_pool``): ``teacher_<hook>(pool, round_idx
 meta-model (``params(theta)``, ``learner``, ``meta_model``), ``synthesize(t, seed)`` with the
 configured synthesizer, ``record(t, recovered)``, ``teacher_task(...)``, ``contribute(...)`` (the
 per-teacher gradient or task an aggregation rule needs) and ``cache`` (cleared every round).
+``api(t, output=..., input=...)`` is the teacher as a predict-only ``blackbox.BlackBoxAPI``; a method
+with ``black_box = True`` (or a scenario with ``pool.black_box``) makes the pool black-box:
+``teacher(t)`` and everything built on it refuse, so the method's hooks can only query APIs.
 
 MetaLearner (``raydfml.runtime.meta_learner``): ``init_central(ml)`` builds the method's central
 state; ``central_<hook>(ml, round_idx, records, *args)`` are its steps; ``sample_task(ml)`` draws a
 replay task (default: the task memory bank); ``after_replay(ml, round_idx, accuracies)``;
-``state_dict()``/``load_state_dict()`` put the central state into the run's checkpoint.
+``state_dict()``/``load_state_dict()`` put the central state into the run's checkpoint;
+``report(ml)`` adds top-level fields to results.json (e.g. query totals).
+
+Driver-side exits: a round plan that raises ``errors.RunStopped`` before doing anything (a budget
+would be exceeded) stops the run after a checkpoint of the rounds so far; options listed in
+``free_on_resume`` (budgets) may then change on ``--resume``.
 """
 from __future__ import annotations
 
@@ -46,6 +54,10 @@ class Method:
     profiles: ClassVar[dict[str, dict[str, Any]]] = {}  # per profile (smoke/quick/paper): more dotted values
     scenarios: ClassVar[tuple[str, ...] | None] = None  # scenarios it runs in (None: every one)
     two_pass_rules: ClassVar[bool] = True               # whether its teachers can redo a task for a second pass
+    free_on_resume: ClassVar[tuple[str, ...]] = ()      # its options (dotted) that only limit a run (a query
+                                                        # budget): --resume may change them, the run dir keeps its name
+    black_box: ClassVar[bool] = False                   # True: learns through prediction APIs only (pool.api),
+                                                        # so the TeacherPool refuses white-box access (pool.teacher)
 
     def __init__(self, cfg):
         self.cfg = cfg
@@ -99,6 +111,10 @@ class Method:
 
     def after_replay(self, ml, round_idx: int, accuracies: list[float]) -> None:
         """Called after each round's replay with the replay tasks' training accuracies."""
+
+    def report(self, ml) -> dict:
+        """Extra top-level fields for results.json from the method's central state (e.g. query totals)."""
+        return {}
 
     def state_dict(self) -> dict | None:
         return None

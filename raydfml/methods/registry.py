@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from ..registry import Registry
 
-BUILTIN_METHODS = ("deepinv", "geninv", "purer", "free", "tgr")
+BUILTIN_METHODS = ("deepinv", "geninv", "purer", "free", "tgr", "bidf")
 
 METHODS = Registry("method", builtins=tuple(f"raydfml.methods.{name}" for name in BUILTIN_METHODS))
 

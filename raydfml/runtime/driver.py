@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from ..aggregation import build_rule
 from ..config import ExperimentConfig
-from ..errors import UserError
+from ..errors import RunStopped, UserError
 from ..faults import maybe_fail
 from ..methods import create_method
 from ..records import TeacherRecord, merge
@@ -215,7 +215,14 @@ def _rounds(cfg, run_dir: Path, report, start: int, progress, ex, entries, on_ro
         t_round = time.perf_counter()
         log_images = report is not None and (r == start or (r + 1) % tr.eval_every == 0)
         rnd = Round(r, cfg, ex, entries, run_dir, rule, log_images=log_images)
-        batch = method.run_round(rnd) if not real else None     # real episodes: no teachers
+        try:
+            batch = method.run_round(rnd) if not real else None     # real episodes: no teachers
+        except RunStopped:
+            # Nothing of round r happened: checkpoint the state after round r - 1, so that --resume
+            # continues at round r (also when train.checkpoint_every skipped the last rounds).
+            save_checkpoint(run_dir, r - 1, ex.get(ex.call(ml, "state_dict")))
+            bar.close()
+            raise
         maybe_fail("after_synthesis", r)
         metrics = rnd.metrics
         if batch is not None and batch.summaries:
@@ -244,7 +251,8 @@ def _rounds(cfg, run_dir: Path, report, start: int, progress, ex, entries, on_ro
     state = ex.get(ex.call(ml, "state_dict"))
     return {"best_params": state["best_params"], "meta_updates": state["meta_updates"],
             "best_val": state["best_val"], "best_round": state["best_round"], "actors_replaced": ex.replaced,
-            "weights": ex.get(ex.call(ml, "weights_report"))}
+            "weights": ex.get(ex.call(ml, "weights_report")),
+            "method_report": ex.get(ex.call(ml, "method_report"))}
 
 
 def _synthesis_metrics(summaries: list[TeacherRecord], metrics: dict) -> None:

@@ -225,6 +225,10 @@ class MetaLearner:
             return tuple(sorted({f"d{int(c) // CLASS_OFFSET_STRIDE}" for c in classes}))
         return tuple(f"c{int(c)}" for c in classes)
 
+    def method_report(self) -> dict:
+        """The method's extra results.json fields (``Method.report``; e.g. a black-box method's query totals)."""
+        return dict(self.method.report(self) or {})
+
     def weights_report(self) -> dict:
         """Every weighted key's relative weight (1/w^2, mean 1), per kind of update (for results.json)."""
         return {where: w.relative() for where, w in self.weighting.items() if not isinstance(w, Uniform) and w.w}

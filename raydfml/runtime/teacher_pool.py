@@ -40,6 +40,11 @@ class TeacherPool:
         self.teachers: dict[int, torch.nn.Module] = {}
         self.image_size = image_size(self.cfg)
         self.method = create_method(self.cfg)
+        # A black-box pool (a method that learns through APIs only, or a scenario whose teachers are
+        # APIs): hooks reach a teacher only through ``api(t)``; ``teacher(t)`` and everything built on
+        # it (the white-box synthesizers, ``record``, ``teacher_task``) refuse with a one-line error.
+        self.black_box = bool(self.cfg.pool.black_box or getattr(self.method, "black_box", False))
+        self._modules: dict[int, torch.nn.Module] = {}      # loaded teacher modules (never handed out if black-box)
         self._synthesizer = None
         self.meta_model = build_meta_model(self.cfg).to(self.device)
         self.learner = build_learner_for(self.cfg, self.meta_model)
@@ -70,16 +75,43 @@ class TeacherPool:
         return [r.summary() for r in records], records
 
     # --- teachers --------------------------------------------------------------------------------
+    def _module(self, index: int) -> torch.nn.Module:
+        """Teacher ``index``'s module as trained (checksum-verified, ``weights_only`` load), loaded once."""
+        if index not in self._modules:
+            e = self.entries[index]
+            self._modules[index] = load_teacher(e.zoo_dir, e.record, self.device)
+        return self._modules[index]
+
     def teacher(self, index: int) -> torch.nn.Module:
         """Teacher ``index``, taking images at the working resolution: one trained at another size
-        (md on real data: CIFAR-FS teachers at 32 px among 84-px ones) sees them resized to its own."""
+        (md on real data: CIFAR-FS teachers at 32 px among 84-px ones) sees them resized to its own.
+        A black-box pool refuses (one-line ``UserError``): its teachers are reachable only through ``api``."""
+        if self.black_box:
+            from ..blackbox import require_white_box
+
+            require_white_box(self.api(index), "white-box access to a teacher (its module, weights or BN statistics)")
         if index not in self.teachers:
-            e = self.entries[index]
-            net = load_teacher(e.zoo_dir, e.record, self.device)
-            if e.record.image_size != self.image_size:
-                net = NativeResolution(net, e.record.image_size)
-            self.teachers[index] = net
+            net = self._module(index)
+            size = self.entries[index].record.image_size
+            self.teachers[index] = NativeResolution(net, size) if size != self.image_size else net
         return self.teachers[index]
+
+    def api(self, index: int, output: str = "probs", input: str = "uint8", counts: dict | None = None,
+            max_images: int | None = None, budget=None):
+        """Teacher ``index`` as a ``blackbox.BlackBoxAPI`` named ``teacher <index>``: predict-only, with its
+        global classes, its own resolution and dataset normalisation, and fresh query counters (set
+        from ``counts``, this API's totals so far, when given). ``max_images`` caps this API's images,
+        ``budget`` (a ``QueryBudget``) the run's. The module stays on this actor: the API never hands
+        it out, and nothing a hook returns should hold the API itself."""
+        from ..blackbox import BlackBoxAPI
+
+        e, spec = self.entries[index], self.spec_of(index)
+        api = BlackBoxAPI(self._module(index), spec.mean, spec.std, name=f"teacher {index}",
+                          classes=self.classes_of(index), image_size=e.record.image_size, output=output,
+                          input=input, max_images=max_images, budget=budget)
+        if counts:
+            api.restore({"api": api.name, **counts})
+        return api
 
     def spec_of(self, tid: int):
         """The teacher's own dataset: its statistics normalise the teacher's inputs and, in the
@@ -107,6 +139,10 @@ class TeacherPool:
         meta-model, so with ``runtime.synth_cache`` set it is read back from that folder when an earlier
         run recovered the same teacher with the same synthesis options and seed (runs that differ only
         in what they do with the images, e.g. the learner or the task weighting, share their recoveries)."""
+        if self.black_box:
+            from ..blackbox import require_white_box
+
+            require_white_box(self.api(tid), f"synthesizer {self.cfg.synth.name!r}")
         spec = self.spec_of(tid)
         cache = self._synth_cache_path(tid, seed)
         if cache is not None and cache.is_file():

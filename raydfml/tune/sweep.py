@@ -138,6 +138,10 @@ def _expand_all(space: dict[str, Any], scenario: str, method: str) -> dict[str, 
         out["scenario"] = {kinds["scenario"]: [s for s, _ in pairs]}
     elif "method" in kinds and "scenario" not in kinds:
         out["method"] = {kinds["method"]: [m for _, m in pairs]}
+    else:       # a grid of one and a choice of the other: no single space holds only the pairs that run
+        bad = next(f"{s}:{m}" for s in scenarios for m in methods if (s, m) not in pairs)
+        raise UserError(f"space: scenario {{{kinds['scenario']}: ...}} x method {{{kinds['method']}: ...}} includes "
+                        f"pairs that cannot run (e.g. {bad}); use grid for both (a joint grid of the pairs that run)")
     return out
 
 

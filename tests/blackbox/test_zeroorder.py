@@ -190,3 +190,45 @@ def test_recovery_needs_scores_not_labels(teacher):
     with pytest.raises(UserError, match="probabilities or logits"):
         smoke_recovery().synthesize(api, range(WAY), seed=0)
     assert api.calls == 0
+
+
+def test_boundary_loss_subtracts_the_api_student_distance_where_their_top1_agree(teacher):
+    """BiDf-MKD's boundary query loss: CE, minus the L1 distance between the API's and the student's
+    answers (probability vectors for a probabilities API) only where both predict the same class."""
+    from raydfml.blackbox.zeroorder import api_boundary_loss
+
+    x, y = square_images(3, seed=7)
+    api = BlackBoxAPI(teacher, MEAN, STD, name="sq")
+    p = api.predict(x)
+    agree = p.argmax(1)
+    # a student whose top-1 equals the API's on even rows and differs on odd rows
+    logits = torch.full_like(p, -2.0)
+    for i, c in enumerate(agree.tolist()):
+        logits[i, c if i % 2 == 0 else (c + 1) % WAY] = 2.0
+    loss = api_boundary_loss(api, y, lambda images: logits[: len(images)], weight=0.5)(x, torch.arange(len(x)))
+    ce = -p.gather(1, y.unsqueeze(1)).squeeze(1).clamp_min(1e-12).log()
+    l1 = (p - F.softmax(logits, 1)).abs().sum(1)
+    expected = torch.where(torch.arange(len(x)) % 2 == 0, ce - 0.5 * l1, ce)
+    torch.testing.assert_close(loss, expected)
+    labels_only = BlackBoxAPI(copy.deepcopy(teacher), MEAN, STD, name="lbl", output="label")
+    with pytest.raises(UserError, match="labels only"):
+        api_boundary_loss(labels_only, y, lambda images: logits, 1.0)
+
+
+def test_recovery_against_a_student_costs_the_same_queries_and_reports_the_apis_labels(teacher):
+    """The boundary query set sends exactly the queries of a plain recovery (the student is local), and
+    the kept images come back with the API's own top-1 label and confidence."""
+    api = BlackBoxAPI(teacher, MEAN, STD, name="sq", output="logits")
+    rec = ZeroOrderRecovery(image_size=SIZE, per_class=2, steps=2, q=3, chunks=2, ngf=8, nz=16)
+    calls = []
+
+    def student(images):
+        calls.append(len(images))
+        return torch.zeros(len(images), WAY)
+
+    out = rec.synthesize(api, list(range(WAY)), seed=0, student=student, boundary_weight=1.0)
+    assert out.queries == rec.queries_needed(WAY) == api.images
+    assert sum(calls) == out.queries - WAY * 2          # the student saw every queried image but the final check
+    assert out.predicted.dtype == torch.int64 and out.predicted.shape == (WAY * 2,)
+    assert out.teacher_acc == pytest.approx(float((out.predicted == out.labels).float().mean()))
+    assert ((out.confidence > 0) & (out.confidence <= 1)).all()
