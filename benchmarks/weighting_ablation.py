@@ -115,7 +115,9 @@ def table(cells: dict, rules: list[str], sources: list[str], shots: list[int], s
 def _spread(res: dict) -> float | None:
     """max/min of the final relative weights over every weighted key (1: uniform)."""
     values = [v for per in (res.get("weights") or {}).values() for v in per.values()]
-    return round(max(values) / min(values), 4) if values else None
+    if not values:
+        return None
+    return round(max(values) / min(values), 4) if min(values) > 0 else float("inf")   # a weight driven to 0
 
 
 def main() -> None:

@@ -217,7 +217,8 @@ def main(argv=None) -> int:
 
     if results.get("recovered"):
         print("\n" + recovered_line(results["recovered"]))
-    print(coverage_line(results["coverage"]))
+    if results.get("coverage"):                 # train.source=real has no teacher pool
+        print(coverage_line(results["coverage"]))
     print(f"\nrun directory: {results['run_dir']}  (wall {results['wall_s']:.0f}s)")
     for note in results.get("notes", []):
         print(f"note: {note}")
