@@ -122,6 +122,17 @@ class Weighting:
         raise NotImplementedError
 
     # --- gains (SPSA) --------------------------------------------------------------------------
+    def perturbation_step(self, plus: tuple, minus: tuple, rng: np.random.Generator) -> None:
+        """One SPSA step over the keys of ``plus`` and ``minus`` (each ``(items, losses)``): a Rademacher
+        direction, ``w <- w - a_k * delta * [F(w + c_k delta; plus) - F(w - c_k delta; minus)] / (2 c_k)``."""
+        keys = sorted({k for ks in (*minus[0], *plus[0]) for k in ks})
+        delta = _rademacher(keys, rng)
+        a, c = self.gains()
+        diff = (self.objective(_shifted(self.w, delta, c), *plus)
+                - self.objective(_shifted(self.w, delta, -c), *minus))
+        for k in keys:
+            self.w[k] -= a * delta[k] * diff / (2 * c)
+
     def gains(self) -> tuple[float, float]:
         o = self.options
         a = gain(o.alpha, o.alpha_gamma, self.k, o.schedule, o.step_every, o.step_multiplier)
@@ -192,13 +203,7 @@ class SPSA(Weighting):
     def update(self, items, losses, rng):
         if self.k == 1:                      # the seed skips k = 0 (its gains divide by k)
             return
-        keys = sorted({k for ks in items for k in ks})
-        delta = _rademacher(keys, rng)
-        a, c = self.gains()
-        diff = (self.objective(_shifted(self.w, delta, c), items, losses)
-                - self.objective(_shifted(self.w, delta, -c), items, losses))
-        for k in keys:
-            self.w[k] -= a * delta[k] * diff / (2 * c)
+        self.perturbation_step((items, losses), (items, losses), rng)
 
 
 @register_weighting("spsa_track")
@@ -213,14 +218,7 @@ class SPSATrack(Weighting):
 
     def update(self, items, losses, rng):
         if self.previous is not None:
-            p_items, p_losses = self.previous
-            keys = sorted({k for ks in (*items, *p_items) for k in ks})
-            delta = _rademacher(keys, rng)
-            a, c = self.gains()
-            diff = (self.objective(_shifted(self.w, delta, c), p_items, p_losses)
-                    - self.objective(_shifted(self.w, delta, -c), items, losses))
-            for k in keys:
-                self.w[k] -= a * delta[k] * diff / (2 * c)
+            self.perturbation_step(self.previous, (items, losses), rng)
         self.previous = (items, losses)
 
     def state_dict(self):
