@@ -49,7 +49,7 @@ def prepare_experiment(cfg: ExperimentConfig, resume: bool = False, progress: bo
     data_root = Path(cfg.data.data_root).resolve()
     real = cfg.train.source == "real"
     for dataset in pool_datasets(cfg):          # md: every domain (data.dataset is domains[0])
-        ensure_dataset(data_root, dataset)
+        ensure_dataset(data_root, dataset, progress)
         # read (and cached) now: a bad image fails before training
         for split in ("meta_train", "meta_val", "meta_test") if real else ("meta_val", "meta_test"):
             meta_split(cfg, dataset, split)

@@ -179,8 +179,9 @@ def glyph_set_params(name: str) -> dict:
     return kwargs
 
 
-def ensure_dataset(root: str | os.PathLike, name: str) -> Path:
-    """Return the dataset directory, generating the embedded glyph sets when absent.
+def ensure_dataset(root: str | os.PathLike, name: str, progress: bool = True) -> Path:
+    """Return the dataset directory, generating the embedded glyph sets when absent (with a progress
+    bar unless ``progress`` is false).
 
     Real datasets are never downloaded (nothing is fetched at run time): a missing folder is a
     ``UserError`` that says where to put the images and how to write the split CSVs.
@@ -192,7 +193,7 @@ def ensure_dataset(root: str | os.PathLike, name: str) -> Path:
             # The marker is written last by the generator, so its absence also means "incomplete".
             from . import glyphs  # lazy: rendering pulls in matplotlib's font machinery
 
-            glyphs.generate_glyphs(root, **glyph_set_params(spec.name))
+            glyphs.generate_glyphs(root, progress=progress, **glyph_set_params(spec.name))
         return ddir
     if not ddir.is_dir():
         raise UserError(f"dataset {spec.name!r} not found at {ddir}: put its images there as {_layout_hint(spec.name, ddir)}, "

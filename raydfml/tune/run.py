@@ -37,7 +37,7 @@ def prebuild_pools(sweep: Sweep, fixed: dict[str, Any], progress: bool = True) -
     built = []
     for cfg in seen.values():
         for dataset in pool_datasets(cfg):         # md: every domain
-            ensure_dataset(Path(cfg.data.data_root), dataset)
+            ensure_dataset(Path(cfg.data.data_root), dataset, progress)
         prepare_pool(cfg, workers, progress)
         built += [str(zoo_dir) for _, zoo_dir, _ in pool_zoos(cfg)]
     return sorted(set(built))

@@ -275,7 +275,7 @@ def _build_zoo(cfg: ZooConfig, zoo_dir: Path, data_root, workers: int, device: s
     size = cfg.image_size or spec.image_size
     if split is None:
         t0 = time.perf_counter()
-        ensure_dataset(data_root, cfg.dataset)
+        ensure_dataset(data_root, cfg.dataset, progress)
         split = load_split(data_root, cfg.dataset, "meta_train", image_size=size)
         times.data = time.perf_counter() - t0
     plans = plan_classes(cfg, split.num_classes)

@@ -213,3 +213,11 @@ def test_normalize_roundtrip():
     assert normalize(x[0], spec).shape == (3, 4, 4)
     with pytest.raises(TypeError):
         normalize(x.float(), spec)
+
+
+def test_ensure_dataset_generates_quietly_when_asked(tmp_path, capfd):
+    """--quiet reaches the embedded dataset's generator: no progress bar on stderr, one with it."""
+    ensure_dataset(tmp_path / "quiet", "glyphs-smoke", progress=False)
+    assert "glyph classes" not in capfd.readouterr().err
+    ensure_dataset(tmp_path / "loud", "glyphs-smoke")
+    assert "glyph classes" in capfd.readouterr().err
