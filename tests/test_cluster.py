@@ -147,3 +147,33 @@ def test_ray_failing_to_start_is_one_line_that_says_what_to_try(monkeypatch):
     monkeypatch.setattr(ray, "init", lambda **k: (_ for _ in ()).throw(OSError(28, "No space left on device")))
     with pytest.raises(UserError, match="local Ray instance.*No space left.*--workers 0"):
         ensure_ray()
+
+
+def test_local_ray_workers_find_the_package_and_start_warm(tmp_path):
+    """A local Ray started by ensure_ray: its workers import raydfml from this checkout even when it is
+    not installed (PYTHONPATH inherited, not a job runtime environment, which would make Ray start fresh
+    workers for the job), and the driver's own PYTHONPATH is left as it was."""
+    script = textwrap.dedent(f'''
+        import os, sys
+        sys.path.insert(0, {str(REPO)!r})
+        from raydfml.cluster import ensure_ray
+        before = os.environ.get("PYTHONPATH")
+        ray = ensure_ray(num_cpus=1)
+        assert os.environ.get("PYTHONPATH") == before, (before, os.environ.get("PYTHONPATH"))
+        assert not ray.get_runtime_context().runtime_env.get("env_vars"), ray.get_runtime_context().runtime_env
+
+        @ray.remote(num_cpus=1)
+        def where():
+            import raydfml
+            return raydfml.__file__, os.environ.get("PYTHONPATH", "")
+
+        path, pythonpath = ray.get(where.remote())
+        assert path.startswith({str(REPO)!r}), path
+        print("ok", pythonpath.split(os.pathsep)[0])
+    ''')
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
+    out = subprocess.run([sys.executable, "-c", script], env=env, cwd=tmp_path, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["ok", str(REPO)]

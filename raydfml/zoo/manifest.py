@@ -10,7 +10,6 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-import pandas as pd
 import torch
 from torch import nn
 
@@ -50,6 +49,8 @@ def _to_row(r: TeacherRecord) -> dict:
 
 
 def write_manifest(zoo_dir: str | Path, records: list[TeacherRecord]) -> Path:
+    import pandas as pd   # lazy: the teacher-training workers import this module and never need it
+
     path = Path(zoo_dir) / MANIFEST
     df = pd.DataFrame([_to_row(r) for r in sorted(records, key=lambda r: r.teacher_id)], columns=COLUMNS)
     with atomic_path(path) as tmp:
@@ -63,6 +64,8 @@ def read_manifest(zoo_dir: str | Path, missing_ok: bool = False) -> list[Teacher
         if missing_ok:
             return []
         raise UserError(f"{path}: no teacher manifest here; build a zoo with python -m raydfml.zoo")
+    import pandas as pd
+
     try:
         df = pd.read_csv(path, dtype={"classes": str, "sha256": str, "file": str, "dataset": str, "arch": str})
     except Exception as exc:  # pandas raises many kinds

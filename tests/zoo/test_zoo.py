@@ -155,3 +155,23 @@ def test_the_teachers_do_not_depend_on_the_number_of_workers(workers, smoke_root
     first_done = min(t.finished for t in times.teachers)
     assert sum(q < first_done for q in queued) == workers       # the first `workers` were submitted at once
     assert times.breakdown()["total"] == pytest.approx(times.total) and times.total > 0
+
+
+def test_teachers_train_on_workers_warmed_while_the_split_is_read(glyph_root, ray_session, tmp_path, monkeypatch):
+    """A build with teachers to train starts its workers before reading the split; the teachers then
+    run on those warmed worker processes. A build with nothing to train starts nothing."""
+    import ray
+
+    from raydfml.zoo import BuildTimes, build as zoo_build
+
+    warmed = []
+    original = zoo_build._warm_workers
+    monkeypatch.setattr(zoo_build, "_warm_workers", lambda w, t: warmed.append(original(w, t)) or warmed[-1])
+    cfg = ZooConfig(dataset="glyphs", arch="conv4", num=2, way=5, policy="random", epochs=1, batch_size=16)
+    times = BuildTimes()
+    build_zoo(cfg, tmp_path, glyph_root, workers=2, progress=False, times=times)
+    assert len(warmed) == 1 and len(warmed[0]) == 2
+    pids = set(ray.get(warmed[0]))
+    assert {t.worker for t in times.teachers} <= pids, (pids, [t.worker for t in times.teachers])
+    build_zoo(cfg, tmp_path, glyph_root, workers=2, progress=False)
+    assert len(warmed) == 1
