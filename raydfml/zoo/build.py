@@ -341,8 +341,8 @@ def _warm_up() -> int:
 
 def _warm_workers(workers: int, times: BuildTimes) -> list:
     """Start Ray and one warm-up task per worker, without waiting for them: the workers' start-up
-    then overlaps with the driver reading the split, instead of following it. (On 2 idle cores this
-    took the 6-teacher glyph build from 1.79x to ... with 2 workers: benchmarks/zoo_scaling.py.)"""
+    then overlaps with the driver reading the split, instead of following it (docs/benchmarks.md,
+    "Workers that start warm")."""
     import ray
 
     from ..cluster import ensure_ray, gpu_fraction
