@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Benchmark: what black-box recovery costs (queries, wall time) and how good its gradients are, per q.
 
-    python benchmarks/blackbox_queries.py [--qs 1,10,100] [--teachers 2] [--steps 15] [--smoke]
+    python benchmarks/blackbox_queries.py [--qs 1,10,100] [--teachers 2] [--steps 60] [--per-class 5] [--smoke]
 
 On the engine's glyph teacher zoo (scenario ``ss``; built under --data-root if missing), for every q:
 
@@ -32,8 +32,8 @@ def main(argv=None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--qs", default="1,10,100", help="directions per image, comma-separated")
     p.add_argument("--teachers", type=int, default=2, help="teachers recovered per q")
-    p.add_argument("--steps", type=int, default=15, help="generator steps per recovery")
-    p.add_argument("--per-class", type=int, default=10)
+    p.add_argument("--steps", type=int, default=60, help="generator steps per recovery (default: bidf quick's)")
+    p.add_argument("--per-class", type=int, default=5, help="images per class (default: bidf quick's)")
     p.add_argument("--data-root", default="data")
     p.add_argument("--smoke", action="store_true", help="the smoke glyph set and zoo (seconds; for tests)")
     p.add_argument("--seed", type=int, default=0)

@@ -256,3 +256,30 @@ def test_a_bidf_round_from_two_actors_equals_in_process(ma_pool, ray_session, tm
         assert totals["images"] == 3 * visit_images(cfg) == m_ray["queries/images"] == m_local["queries/images"]
     finally:
         ray_ex.shutdown()
+
+
+@pytest.mark.parametrize("via", ["learner", "head"])
+def test_a_protonet_visit_distils_through_the_learner_it_is_told_to(smoke_root, via):
+    """ProtoNet has no inner loop and never uses its linear head: with learner.distill_via=learner the
+    visit's KD goes through the support set's prototypes (the head gets no gradient); with head, through
+    the head after the KD steps (as the original's MAML)."""
+    from raydfml.runtime.pool import prepare_pool
+    from raydfml.runtime.teacher_pool import TeacherPool
+
+    cfg = bidf_cfg(smoke_root, **{"learner.name": "protonet", "learner.distill_via": via})
+    entries = prepare_pool(cfg, workers=0, progress=False)
+    pool = TeacherPool(cfg.to_dict(), entries, device="cpu")
+    theta = np.concatenate([p.detach().flatten().numpy() for p in pool.meta_model.parameters()])
+    _, records = pool.work("visit", 0, [0], {0: None}, theta, {"budget": "run", "calls": 0, "images": 0})
+    grad, offset, per_name = records[0].grad, 0, {}
+    for name, p in pool.meta_model.named_parameters():
+        per_name[name] = float(np.abs(grad[offset:offset + p.numel()]).sum())
+        offset += p.numel()
+    head = [n for n in per_name if n.startswith("classifier")]
+    assert head and all(np.isfinite(v) for v in per_name.values())
+    body = sum(v for n, v in per_name.items() if n not in head)
+    assert body > 0
+    if via == "learner":
+        assert all(per_name[n] == 0 for n in head), {n: per_name[n] for n in head}
+    else:
+        assert sum(per_name[n] for n in head) > 0
