@@ -217,22 +217,18 @@ class Bidf(Method):
         y_s = support.labels.to(device)
         learner = pool.learner
         leaves = {n: v.detach().requires_grad_(True) for n, v in pool.params(theta).items()}
-        # A learner without an inner loop (ProtoNet) adapts to the support set by its prototypes; with
-        # learner.distill_via=learner (the default) the KD goes through them, as every other method's
-        # teacher tasks do. Otherwise KD steps through the linear head, as the original's MAML.
-        via_prototypes = learner.distill_via == "learner" and not learner.adapted_names(leaves)
-        if via_prototypes:
-            fast = leaves
+        # A learner without an inner loop (ProtoNet) adapts to the support set by its prototypes: with
+        # learner.distill_via=learner the KD goes through them, as other methods' teacher tasks do.
+        # Otherwise (bidf's preset: head) KD steps through the linear head, as the original's MAML.
+        if learner.distill_via == "learner" and not learner.adapted_names(leaves):
+            fast, xs_n = leaves, norm(x_s)
+            predict = lambda params, x: learner.logits(params, xs_n, y_s, x, len(classes))   # noqa: E731
         else:
             with torch.enable_grad():
                 fast = kd_adapt(learner, leaves, norm(x_s), t_s, o.kd_inner_steps, o.kd_inner_lr,
                                 o.kd_temperature, o.kd_second_order)
-        adapted = {n: v.detach() for n, v in fast.items()}
-        if via_prototypes:
-            xs_n = norm(x_s)
-            predict = lambda params, x: learner.logits(params, xs_n, y_s, x, len(classes))   # noqa: E731
-        else:
             predict = learner.forward
+        adapted = {n: v.detach() for n, v in fast.items()}
         student = None
         if round_idx >= o.adv_start:
             student = lambda x01: predict(adapted, norm(x01))      # noqa: E731
