@@ -92,14 +92,15 @@ class Bidf(Method):
     # quick: few images, many steps. Zero-order recovery from one glyph conv4 API at a fixed cost of
     # ~16,500 images, 3 teachers: 20 images/class x 15 steps -> the API agrees with 48% of the kept
     # images (ce 3.1 -> 2.1); 10 x 30 -> 68%; 5 x 60 -> 85% (ce 0.56), and 30% less wall time.
-    # Raising the generator's lr instead made it worse (1e-2: 45%, 3e-2: 30%). On `ss` quick the
-    # run went from 25.2 / 32.7 to 29.9 / 41.1 (5-way 1/5-shot; random init 20.8 / 22.6).
+    # Raising the generator's lr instead made it worse (1e-2: 45%, 3e-2: 30%). Whole `ss` quick runs
+    # (5-way 1/5-shot; random init 20.8 / 22.6) at the same queries: 20 x 15 25.2 / 32.7, 10 x 30
+    # 27.4 / 35.7, 5 x 60 29.9 / 41.1, 3 x 100 30.7 / 44.4: agreement matters more than bank size.
     # paper: the original's schedule read as rounds = API visits: at most 300 visits (60000 meta-iterations,
     # a visit at the earliest every 200), one API per visit, the boundary term from meta-iteration 4000,
     # i.e. from visit 20 at the earliest; 200 replay meta-batches of 3 tasks between visits.
     profiles = {"smoke": {"bidf.q": 2, "bidf.chunks": 1, "bidf.kd_inner_steps": 2, "bidf.adv_start": 1},
                 "quick": {"bidf.q": 10, "bidf.chunks": 2, "bidf.kd_inner_steps": 5, "bidf.adv_start": 4,
-                          "synth.steps": 60, "synth.per_class": 5},
+                          "synth.steps": 100, "synth.per_class": 3},
                 "paper": {"train.rounds": 300, "train.teachers_per_round": 1, "train.replay_batches": 200,
                           "learner.meta_batch": 3, "synth.steps": 200, "synth.per_class": 30,
                           "bidf.kd_second_order": True, "bidf.adv_start": 20}}
