@@ -273,7 +273,9 @@ def _build_zoo(cfg: ZooConfig, zoo_dir: Path, data_root, workers: int, device: s
                split: ImageSplit | None, times: BuildTimes) -> list[TeacherRecord]:
     spec = get_spec(cfg.dataset)
     size = cfg.image_size or spec.image_size
-    if workers > 0 and len(read_manifest(zoo_dir, missing_ok=True)) < cfg.num:
+    manifest = read_manifest(zoo_dir, missing_ok=True)
+    imported = bool(manifest) and all(r.seed == -1 and r.epochs == 0 for r in manifest)
+    if workers > 0 and not imported and len(manifest) < cfg.num:
         _warm_workers(workers, times)       # teachers to train: workers start while the split is read
     if split is None:
         t0 = time.perf_counter()
@@ -282,8 +284,7 @@ def _build_zoo(cfg: ZooConfig, zoo_dir: Path, data_root, workers: int, device: s
         times.data = time.perf_counter() - t0
     plans = plan_classes(cfg, split.num_classes)
 
-    manifest = read_manifest(zoo_dir, missing_ok=True)
-    if manifest and all(r.seed == -1 and r.epochs == 0 for r in manifest):
+    if imported:
         return sorted(manifest, key=lambda r: r.teacher_id)     # imported teachers: used as they are
     existing = {r.teacher_id: r for r in manifest}
     records: dict[int, TeacherRecord] = {}
