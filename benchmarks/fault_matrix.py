@@ -52,8 +52,11 @@ def kill_and_resume(method: str, point: str, data_root: Path, out: Path, referen
     cell["lost_rounds"] = max(0, rounds_logged - start) if point != "mid_meta_test" else 0
     if cell["survived"]:
         res = json.loads((out / "results.json").read_text())
-        cell["results_equal"] = (res["meta_test"] == reference["meta_test"] and res["baselines"] == reference["baselines"]
-                                 and res.get("weights") == reference.get("weights"))
+        differs = [k for k in ("meta_test", "baselines", "weights") if res.get(k) != reference.get(k)]
+        cell["results_equal"] = not differs
+        if differs:       # what differs, so that a failure says where to look
+            cell["differs"] = {k: {"uninterrupted": reference.get(k), "resumed": res.get(k)} for k in differs}
+            cell["resume_stdout"] = resumed.stdout[-500:]
     else:
         cell["results_equal"] = False
         cell["stderr"] = (killed.stderr + resumed.stderr)[-500:]
