@@ -92,6 +92,21 @@ def fsync_dir(path: str | os.PathLike) -> None:
 
 
 @contextmanager
+def torch_threads(n: int):
+    """Run the block with ``n`` intra-op CPU threads, then restore the count. CPU results of a
+    multi-threaded reduction (a convolution's weight gradient) depend on the number of threads, so work
+    that must be bit-identical wherever it runs (a teacher's training) fixes it."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@contextmanager
 def exclusive_lock(path: str | os.PathLike, what: str):
     """Hold an exclusive ``flock`` on ``path`` (created if needed) for the block; another process gets a
     one-line UserError naming ``what`` and the holder's pid. The kernel releases it if the holder dies."""

@@ -130,6 +130,30 @@ def test_two_builds_of_one_zoo_never_interleave(zoo, glyph_root):
     assert build_zoo(cfg, zoo_dir, glyph_root, workers=0, progress=False) == records
 
 
+def test_an_in_process_build_trains_with_one_cpu_thread_as_a_ray_worker_does(glyph_root, tmp_path, monkeypatch):
+    """A ResNet teacher's weights depend on the CPU thread count (measured: resnet10 at width 0.125, one
+    epoch on the glyph set, differs between 1 and 2 threads), so an in-process build trains with one
+    thread, as Ray workers do, and gives the caller its thread count back."""
+    import raydfml.zoo.build as build_mod
+
+    seen = []
+    real = build_mod.train_teacher
+
+    def spy(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(build_mod, "train_teacher", spy)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        cfg = ZooConfig(dataset="glyphs", arch="conv4", num=2, way=5, policy="random", epochs=1, batch_size=16)
+        build_zoo(cfg, tmp_path / "zoo", glyph_root, workers=0, device="cpu", progress=False)
+        assert seen == [1, 1] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("workers", [1, 2])
 def test_the_teachers_do_not_depend_on_the_number_of_workers(workers, smoke_root, ray_session, tmp_path):
     """The mr smoke zoo, built in-process by the smoke_root fixture, rebuilt on 1 or 2 Ray workers: the
