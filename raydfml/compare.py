@@ -41,9 +41,12 @@ SHARED_BASELINES = ("random_init", "teacher_average")
 # every row and runs the meta-test protocol) and the meta-test tasks. Method presets may differ in
 # anything else (synthesizer, aggregation, rounds, ...).
 _SHARED_SECTIONS = ("data.", "pool.", "learner.")
-# ... except the weights of the distillation loss on teacher-labelled tasks: a method's own training
-# choice, never used on real episodes (with-data) or in the meta-test.
-_METHOD_LEARNER_KEYS = ("learner.kd_weight", "learner.ce_weight", "learner.temperature", "learner.distill_via")
+# ... except a method's own training choices: the weights of the distillation loss on teacher-labelled
+# tasks (never used on real episodes or in the meta-test) and the outer lr of its meta-updates (a method's
+# with-data reference is trained in its own run, at its lr, for its own number of meta-updates; the
+# table's notes name the lrs when they differ). Neither changes the meta-test protocol.
+_METHOD_LEARNER_KEYS = ("learner.kd_weight", "learner.ce_weight", "learner.temperature", "learner.distill_via",
+                        "learner.outer_lr")
 _SHARED_KEYS = ("scenario", "profile", "seed", "train.way", "train.query", "train.test_tasks", "train.test_shots",
                 "train.baselines")
 
@@ -69,6 +72,15 @@ def check_comparable(cfgs: list[ExperimentConfig]) -> None:
                 raise UserError(f"--method {','.join(names)}: {names[0]} and {cfg.method} differ in {key} "
                                 f"({ref[key]!r} vs {other.get(key)!r}), so their rows would not be comparable; "
                                 f"align them with --set {key}=...")
+
+
+def outer_lr_note(cfgs: list[ExperimentConfig]) -> str | None:
+    """The table's note when the methods' presets chose different outer lrs (None when they agree)."""
+    lrs = {c.method: c.learner.outer_lr for c in cfgs}
+    if len(set(lrs.values())) < 2:
+        return None
+    return ("learner.outer_lr differs by method (" + ", ".join(f"{m} {lr:g}" for m, lr in lrs.items())
+            + "): each method's meta-updates and its with-data reference use its own.")
 
 
 def _read_json(path: Path) -> dict:
@@ -236,6 +248,7 @@ def run_comparison(cfgs: list[ExperimentConfig], out_dir: str | Path | None = No
                      "only the classes the pool's teachers cover), trained in each method's run for its own number of "
                      "meta-updates, against which its 'recovered' share is computed; the rows show "
                      f"{largest}'s ({updates} meta-updates).")
+    notes += [n for n in [outer_lr_note(cfgs)] if n]
     for m in methods:
         if not results[m].get("recovered") and results[m].get("meta_test"):
             results[m]["recovered"] = gain_recovered(results[m]["meta_test"], results[m].get("baselines") or {})

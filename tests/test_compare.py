@@ -200,18 +200,24 @@ def test_methods_whose_presets_change_the_learner_are_refused(tmp_path):
     assert not (tmp_path / "cmp").exists()
 
 
-def test_methods_may_weigh_their_distillation_loss_differently():
-    """The quick profile scales TGR's KD loss, not FREE's: rows stay comparable (the weights never touch
-    real episodes or the meta-test), while a learner option that does still refuses."""
-    from raydfml.compare import check_comparable
+def test_methods_may_choose_their_distillation_weights_and_outer_lr():
+    """The quick profile scales TGR's KD loss, not FREE's, and FREE's preset raises its outer lr: rows stay
+    comparable (neither touches the meta-test protocol; each method's with-data reference is trained at
+    its own lr in its own run) and the table's notes name the lrs, while a learner option that changes
+    the meta-test still refuses."""
+    from raydfml.compare import check_comparable, outer_lr_note
     from raydfml.config import resolve
     from raydfml.errors import UserError
 
     free, tgr = resolve("ma", "free", "quick"), resolve("ma", "tgr", "quick")
-    assert free.learner.kd_weight != tgr.learner.kd_weight
+    assert free.learner.kd_weight != tgr.learner.kd_weight and free.learner.outer_lr != tgr.learner.outer_lr
     check_comparable([free, tgr])
-    tgr.learner.outer_lr = 1e-2
-    with pytest.raises(UserError, match="learner.outer_lr"):
+    assert outer_lr_note([free, tgr]) == (f"learner.outer_lr differs by method (free {free.learner.outer_lr:g}, "
+                                          f"tgr {tgr.learner.outer_lr:g}): each method's meta-updates and its "
+                                          "with-data reference use its own.")
+    assert outer_lr_note([tgr, resolve("ma", "purer", "quick")]) is None
+    tgr.learner.joint_bn = not free.learner.joint_bn
+    with pytest.raises(UserError, match="learner.joint_bn"):
         check_comparable([free, tgr])
 
 
