@@ -320,7 +320,7 @@ def _build_zoo(cfg: ZooConfig, zoo_dir: Path, data_root, workers: int, device: s
             teacher_times = TeacherTimes(tid, queued=time.time())
             # One CPU thread, as a Ray worker trains (worker_device): a ResNet teacher trained with 2 threads
             # differs in its weights from one trained with 1, so the zoo would depend on where it was built.
-            with Stopwatch(teacher_times), torch_threads(1 if dev.type == "cpu" else torch.get_num_threads()):
+            with torch_threads(1 if dev.type == "cpu" else torch.get_num_threads()), Stopwatch(teacher_times):
                 state, acc = train_teacher(split.images, split.labels, classes, cfg, teacher_seed(cfg.seed, tid), dev,
                                            teacher_times)
             times.teachers.append(teacher_times)

@@ -148,8 +148,12 @@ def test_an_in_process_build_trains_with_one_cpu_thread_as_a_ray_worker_does(gly
     torch.set_num_threads(2)
     try:
         cfg = ZooConfig(dataset="glyphs", arch="conv4", num=2, way=5, policy="random", epochs=1, batch_size=16)
-        build_zoo(cfg, tmp_path / "zoo", glyph_root, workers=0, device="cpu", progress=False)
+        from raydfml.zoo.timing import BuildTimes
+
+        times = BuildTimes()
+        build_zoo(cfg, tmp_path / "zoo", glyph_root, workers=0, device="cpu", progress=False, times=times)
         assert seen == [1, 1] and torch.get_num_threads() == 2
+        assert [t.threads for t in times.teachers] == [1, 1]         # the timing records say so too
     finally:
         torch.set_num_threads(before)
 
