@@ -248,7 +248,9 @@ def run_comparison(cfgs: list[ExperimentConfig], out_dir: str | Path | None = No
                      "only the classes the pool's teachers cover), trained in each method's run for its own number of "
                      "meta-updates, against which its 'recovered' share is computed; the rows show "
                      f"{largest}'s ({updates} meta-updates).")
-    notes += [n for n in [outer_lr_note(cfgs)] if n]
+    lr_note = outer_lr_note(cfgs)
+    if lr_note:
+        notes.append(lr_note)
     for m in methods:
         if not results[m].get("recovered") and results[m].get("meta_test"):
             results[m]["recovered"] = gain_recovered(results[m]["meta_test"], results[m].get("baselines") or {})
