@@ -33,6 +33,7 @@ ROWS: dict[str, tuple[str, dict]] = {
     "free - small alignment step (align.scale 67)": ("free", {"align.scale": 67.0}),
     "free - distinct class plans per architecture": ("free", {"pool.arch_plans": "shared"}),
     "free - distil through the prototypes": ("free", {"learner.distill_via": "head"}),
+    "free - 4 teachers per round (2)": ("free", {"train.teachers_per_round": 2}),
     "tgr": ("tgr", {}),
     "tgr - small KD step (kd/ce weight 1)": ("tgr", {"learner.kd_weight": 1.0, "learner.ce_weight": 1.0}),
     "tgr - no BN prior (bn_weight 1)": ("tgr", {"synth.bn_weight": 1.0}),

@@ -93,6 +93,8 @@ def test_quick_profile_keeps_the_fidelity_fixes():
 
     free = resolve("ma", "free", "quick")
     assert free.section("align").scale <= 3 and resolve("ma", "free", "paper").section("align").scale == 67
+    # FREE recovers from 4 teachers per round (2 learned less at every seed of the ablation)
+    assert free.train.teachers_per_round == 4
     for method in ("tgr", "geninv", "deepinv"):
         cfg = resolve("ma", method, "quick")
         assert cfg.learner.kd_weight == cfg.learner.ce_weight == 0.1 and cfg.train.kd_optimizer == "shared"
