@@ -263,19 +263,30 @@ def build_zoo(cfg: ZooConfig, zoo_dir: str | Path, data_root: str | Path, worker
     times.workers, times.start = max(0, workers), time.time()
     zoo_dir = Path(zoo_dir).resolve()
     zoo_dir.mkdir(parents=True, exist_ok=True)
-    with exclusive_lock(zoo_dir / ".lock", f"zoo {zoo_dir}"):      # two builds never interleave manifests
-        records = _build_zoo(cfg, zoo_dir, data_root, workers, device, progress, split, times)
+    # A zoo that is already complete is only read, without the lock: runs sharing one data root (a sweep,
+    # several experiments at once) then use it side by side; only training a teacher takes the lock.
+    records, split = _build_zoo(cfg, zoo_dir, data_root, workers, device, progress, split, times, may_train=False)
+    if records is None:
+        with exclusive_lock(zoo_dir / ".lock", f"zoo {zoo_dir}"):      # two builds never interleave manifests
+            records, _ = _build_zoo(cfg, zoo_dir, data_root, workers, device, progress, split, times)
     times.total = time.time() - times.start
     return records
 
 
 def _build_zoo(cfg: ZooConfig, zoo_dir: Path, data_root, workers: int, device: str, progress: bool,
-               split: ImageSplit | None, times: BuildTimes) -> list[TeacherRecord]:
+               split: ImageSplit | None, times: BuildTimes, may_train: bool = True
+               ) -> tuple[list[TeacherRecord] | None, ImageSplit | None]:
+    """The zoo's records and the split read for them; with ``may_train=False``, ``None`` instead of the
+    records when a teacher would have to be trained (nothing is written then)."""
     spec = get_spec(cfg.dataset)
     size = cfg.image_size or spec.image_size
     manifest = read_manifest(zoo_dir, missing_ok=True)
     imported = bool(manifest) and all(r.seed == -1 and r.epochs == 0 for r in manifest)
-    if workers > 0 and not imported and len(manifest) < cfg.num:
+    if imported:
+        return sorted(manifest, key=lambda r: r.teacher_id), split     # imported teachers: used as they are
+    if not may_train and len(manifest) < cfg.num:
+        return None, split
+    if workers > 0 and len(manifest) < cfg.num:
         _warm_workers(workers, times)       # teachers to train: workers start while the split is read
     if split is None:
         t0 = time.perf_counter()
@@ -283,9 +294,6 @@ def _build_zoo(cfg: ZooConfig, zoo_dir: Path, data_root, workers: int, device: s
         split = load_split(data_root, cfg.dataset, "meta_train", image_size=size)
         times.data = time.perf_counter() - t0
     plans = plan_classes(cfg, split.num_classes)
-
-    if imported:
-        return sorted(manifest, key=lambda r: r.teacher_id)     # imported teachers: used as they are
     existing = {r.teacher_id: r for r in manifest}
     records: dict[int, TeacherRecord] = {}
     todo = []
@@ -295,6 +303,8 @@ def _build_zoo(cfg: ZooConfig, zoo_dir: Path, data_root, workers: int, device: s
             records[tid] = rec
         else:
             todo.append((tid, classes))
+    if todo and not may_train:
+        return None, split
     # Records beyond this plan (a zoo built with a larger --num) are kept; they stay valid teachers.
     for tid, rec in existing.items():
         if tid >= len(plans):
@@ -330,9 +340,7 @@ def _build_zoo(cfg: ZooConfig, zoo_dir: Path, data_root, workers: int, device: s
     elif todo:
         _build_on_ray(cfg, split, todo, workers, finish, bar, times)
     bar.close()
-    if not todo:
-        write_manifest(zoo_dir, list(records.values()))
-    return [records[k] for k in sorted(records)]
+    return [records[k] for k in sorted(records)], split
 
 
 def _warm_up() -> int:

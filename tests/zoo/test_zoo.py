@@ -120,14 +120,24 @@ def test_cli_rejects_unknown_names_in_one_line(tmp_path):
         assert not (tmp_path / "z" / "manifest.csv").exists()
 
 
-def test_two_builds_of_one_zoo_never_interleave(zoo, glyph_root):
+def test_two_builds_of_one_zoo_never_interleave_but_a_complete_zoo_is_shared(zoo, glyph_root, tmp_path):
+    """Another process holding the zoo's lock (building it): a build that would train a teacher is
+    refused in one line; a run that only reads the complete zoo goes ahead (two experiments on one data
+    root were refused while the other one merely checked the checksums)."""
+    import shutil
+
     from raydfml.utils import exclusive_lock
 
     cfg, zoo_dir, records = zoo
-    with exclusive_lock(zoo_dir / ".lock", "held by this test"):
+    copy = tmp_path / "zoo"
+    shutil.copytree(zoo_dir, copy)
+    with exclusive_lock(copy / ".lock", "held by this test"):
+        assert build_zoo(cfg, copy, glyph_root, workers=0, progress=False) == records
+        (copy / records[2].file).unlink()                  # now the build must train teacher 2
         with pytest.raises(UserError, match=r"zoo .*another process \(pid \d+ on .+\) is writing it"):
-            build_zoo(cfg, zoo_dir, glyph_root, workers=0, progress=False)
-    assert build_zoo(cfg, zoo_dir, glyph_root, workers=0, progress=False) == records
+            build_zoo(cfg, copy, glyph_root, workers=0, progress=False)
+        assert not (copy / records[2].file).exists()
+    assert build_zoo(cfg, copy, glyph_root, workers=0, progress=False) == records
 
 
 def test_an_in_process_build_trains_with_one_cpu_thread_as_a_ray_worker_does(glyph_root, tmp_path, monkeypatch):
