@@ -39,9 +39,12 @@ ROWS: dict[str, tuple[str, dict]] = {
     "tgr - no BN prior (bn_weight 1)": ("tgr", {"synth.bn_weight": 1.0}),
     "tgr random groups": ("tgr", {"tgr.grouping": "random"}),
     "tgr igr.eta=0.1": ("tgr", {"igr.eta": 0.1}),
+    "tgr - distinct class plans per architecture": ("tgr", {"pool.arch_plans": "shared"}),
+    "tgr 4 teachers per round": ("tgr", {"train.teachers_per_round": 4}),
     "purer": ("purer", {}),
     "purer - 5 data steps from 6 teachers (1 from 2)": ("purer", {"purer.data_steps": 1,
                                                                   "train.teachers_per_round": 2}),
+    "purer - distinct class plans per architecture": ("purer", {"pool.arch_plans": "shared"}),
 }
 
 
