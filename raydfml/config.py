@@ -64,6 +64,7 @@ class SynthConfig:
     lr_latent: float = 1e-3
     bn_weight: float = 1.0
     ce_weight: float = 1.0
+    tv_weight: float = 1e-4             # pixel inversion's total-variation prior (the generator has none)
     augment: str = "auto"               # inside inversion; auto: crop_flip, or crop where mirror images change class
     nz: int = 256                       # generator latent size (the seeds' value)
     ngf: int = 64                       # generator width; its convs dominate CPU cost (~ngf^2)
@@ -454,6 +455,9 @@ def validate(cfg: ExperimentConfig) -> None:
 
     check_augment(cfg.synth.augment)
     check_augment(cfg.train.augment)
+    for key in ("bn_weight", "ce_weight", "tv_weight"):
+        if not getattr(cfg.synth, key) >= 0:
+            raise UserError(f"config synth.{key}={getattr(cfg.synth, key)}: a loss weight must be 0 or more")
     if cfg.train.kd_optimizer not in ("shared", "own"):
         raise UserError(f"config train.kd_optimizer={cfg.train.kd_optimizer!r}: choose shared or own")
     if cfg.train.bank_filter not in ("none", "agree", "relabel"):

@@ -67,7 +67,7 @@ class PixelInversion:
 @register_synthesizer("pixel")
 def build_pixel(sc, image_size: int) -> PixelInversion:
     return PixelInversion(image_size=image_size, per_class=sc.per_class, steps=sc.steps, lr=sc.lr_pixel,
-                          bn_weight=sc.bn_weight, ce_weight=sc.ce_weight, augment=sc.augment)
+                          bn_weight=sc.bn_weight, ce_weight=sc.ce_weight, tv_weight=sc.tv_weight, augment=sc.augment)
 
 
 __all__ = ["PixelInversion", "build_pixel"]
