@@ -53,8 +53,11 @@ class Purer(Method):
                 # quick: 5 Adam steps of the dataset per round from 6 teachers (the seeds: 1 from 13, over
                 # 60000 iterations): the teachers' agreement on their rows rose from 0.35 to 0.83 and
                 # meta-test from 28.5 / 37.3 to 31.6 / 43.4 on ma; 15 steps made it worse (28.9 / 39.0).
+                # quick: a TV prior 100x the seeds' (1e-2): smoother rows that teach more; ma seeds 0/1/2 at 1e-4
+                # 31.5 / 43.0, 35.2 / 48.0, 32.4 / 45.0, at 1e-2 33.4 / 47.9, 38.7 / 57.1, 38.2 / 55.3 (seed 0 at
+                # 1e-3 / 3e-2 / 1e-1: 31.7 / 44.2, 31.7 / 44.4, 31.2 / 42.5; docs/fidelity.md).
                 "quick": {"purer.adv_start": 6, "purer.patience": 6, "purer.data_steps": 5,
-                          "train.teachers_per_round": 6},
+                          "train.teachers_per_round": 6, "purer.tv_weight": 1e-2},
                 "paper": {"train.rounds": 60000, "train.replay_batches": 1, "train.teachers_per_round": 13,
                           "train.eval_every": 500, "purer.adv_start": 4000}}
 
