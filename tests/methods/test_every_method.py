@@ -104,6 +104,9 @@ def test_quick_profile_keeps_the_fidelity_fixes():
     assert purer.section("purer").data_steps == 5 and purer.train.teachers_per_round == 6
     # PURER's rows are smoothed by a TV prior 100x the seeds' (higher at every seed); paper keeps the seeds'
     assert purer.section("purer").tv_weight == 1e-2 and resolve("ma", "purer", "paper").section("purer").tv_weight == 1e-4
+    # deepinv's pixel inversion takes the same TV prior (higher at every seed on mr)
+    assert resolve("mr", "deepinv", "quick").synth.tv_weight == 1e-2
+    assert resolve("mr", "deepinv", "paper").synth.tv_weight == 1e-4
     # TGR's IGR displaces the meta-parameters at 0.1, not the seeds' 1e-3 (higher at every seed)
     assert resolve("ma", "tgr", "quick").section("igr").eta == 0.1
     assert resolve("ma", "tgr", "paper").section("igr").eta == 1e-3
