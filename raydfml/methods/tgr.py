@@ -48,7 +48,8 @@ class Tgr(TeacherRecovery):
     # filled its second moment, shrinking every replay step after it (meta-test 30.0 / 42.8 -> 37.5 / 56.0).
     # quick: IGR's displacement rate 0.1 (the seeds' 1e-3 moves the meta-parameters by ~2% of one outer step,
     # so TGR behaved as plain generator inversion): ma seeds 0/1/2 at 1e-3 34.7 / 52.3, 38.7 / 60.1,
-    # 39.8 / 61.0, at 0.1 36.1 / 55.6, 40.1 / 62.3, 40.2 / 62.9, higher at every seed (docs/fidelity.md).
+    # 39.8 / 61.0, at 0.1 36.1 / 55.6, 40.1 / 62.3, 40.2 / 62.9; on seeds 3/4, not used to choose it, equal
+    # (38.2 / 58.2, 37.7 / 59.1 against 37.7 / 57.7, 37.9 / 58.7): a small gain at most (docs/fidelity.md).
     profiles = {"smoke": {"tgr.groups": 2},
                 "quick": {"tgr.groups": 3, "synth.bn_weight": 0.0, "learner.kd_weight": 0.1, "learner.ce_weight": 0.1,
                           "igr.eta": 0.1},
