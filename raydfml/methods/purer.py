@@ -72,6 +72,9 @@ class Purer(Method):
         if not o.lr > 0 or o.patience < 1 or o.adv_scale < 0:
             raise UserError(f"config purer: lr must be > 0, patience >= 1 and adv_scale >= 0 (got lr={o.lr}, "
                             f"patience={o.patience}, adv_scale={o.adv_scale})")
+        for key in ("bn_weight", "tv_weight", "l2_weight"):         # as synth.*_weight (config.validate)
+            if not getattr(o, key) >= 0:
+                raise UserError(f"config purer.{key}={getattr(o, key)}: a loss weight must be 0 or more")
         check_augment(o.augment)
         lc = cfg.learner
         if lc.train_shot + lc.train_query > cfg.synth.per_class:

@@ -1,5 +1,4 @@
 import pytest
-import torch
 
 from raydfml.config import resolve
 from raydfml.errors import UserError
@@ -16,6 +15,8 @@ def test_the_tv_prior_is_an_option_that_reaches_pixel_inversion():
     assert build_synthesizer(cfg.synth, 32).loss_cfg["tv_weight"] == 0.05
     with pytest.raises(UserError, match="synth.tv_weight=-1"):
         resolve("mr", "deepinv", "smoke", {"synth.tv_weight": -1})
+    with pytest.raises(UserError, match="purer.tv_weight=-1"):       # PURER's own loss weights alike
+        resolve("ma", "purer", "smoke", {"purer.tv_weight": -1})
 
 
 def test_a_larger_tv_prior_gives_smoother_images_the_teacher_still_classifies(blob_teacher):
