@@ -42,11 +42,14 @@ ROWS: dict[str, tuple[str, dict]] = {
     "tgr igr.eta=1": ("tgr", {"igr.eta": 1.0}),
     "tgr - distinct class plans per architecture": ("tgr", {"pool.arch_plans": "shared"}),
     "tgr 4 teachers per round": ("tgr", {"train.teachers_per_round": 4}),
+    "tgr 30 inversion steps": ("tgr", {"synth.steps": 30}),
+    "tgr KD temperature 4": ("tgr", {"learner.temperature": 4.0}),
     "purer": ("purer", {}),
     "purer - 5 data steps from 6 teachers (1 from 2)": ("purer", {"purer.data_steps": 1,
                                                                   "train.teachers_per_round": 2}),
     "purer - TV prior 1e-2 (the seeds' 1e-4)": ("purer", {"purer.tv_weight": 1e-4}),
     "purer - distinct class plans per architecture": ("purer", {"pool.arch_plans": "shared"}),
+    "purer outer lr 5e-3": ("purer", {"learner.outer_lr": 5e-3}),
 }
 
 
