@@ -112,6 +112,7 @@ class LearnerConfig:
     meta_batch: int = 4
     train_shot: int = 5
     train_query: int = 15
+    train_way: int = 0                  # ways of a meta-training episode (replay, with-data); 0: train.way
     kd_weight: float = 1.0
     ce_weight: float = 1.0
     temperature: float = 1.0
@@ -184,6 +185,11 @@ class ExperimentConfig:
     def label(self) -> str:
         """What the run trains with: the method, or ``real`` when it meta-trains on real episodes."""
         return "real" if self.train.source == "real" else self.method
+
+    @property
+    def episode_way(self) -> int:
+        """Ways of a meta-training episode: ``learner.train_way``, or the test tasks' ``train.way``."""
+        return self.learner.train_way or self.train.way
 
     def section(self, name: str) -> Any:
         """The option section of the part called ``name`` (this run's method or rule)."""

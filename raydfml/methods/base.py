@@ -107,7 +107,7 @@ class Method:
     def sample_task(self, ml):
         """One replay task ``(x_s, y_s, x_q, y_q, classes)`` in [0, 1] pixels, or None when there is none."""
         lc, t = self.cfg.learner, self.cfg.train
-        return ml.bank.sample_task(t.way, lc.train_shot, lc.train_query, ml.rng)
+        return ml.bank.sample_task(self.cfg.episode_way, lc.train_shot, lc.train_query, ml.rng)
 
     def after_replay(self, ml, round_idx: int, accuracies: list[float]) -> None:
         """Called after each round's replay with the replay tasks' training accuracies."""

@@ -161,7 +161,7 @@ class Purer(Method):
         """Minus the meta-model's outer query loss on a task drawn from the (non-detached) images:
         maximising it makes the synthetic tasks harder for the current meta-model (PURER's ECI)."""
         lc, t = self.cfg.learner, self.cfg.train
-        x_s, y_s, x_q, y_q, classes = self.dataset.sample_task(t.way, lc.train_shot, lc.train_query, ml.aug_gen,
+        x_s, y_s, x_q, y_q, classes = self.dataset.sample_task(self.cfg.episode_way, lc.train_shot, lc.train_query, ml.aug_gen,
                                                                images=images)
         from ..learners import Task
 
@@ -174,7 +174,7 @@ class Purer(Method):
 
     def sample_task(self, ml):
         lc, t = self.cfg.learner, self.cfg.train
-        return self.dataset.sample_task(t.way, lc.train_shot, lc.train_query, ml.aug_gen)
+        return self.dataset.sample_task(self.cfg.episode_way, lc.train_shot, lc.train_query, ml.aug_gen)
 
     def after_replay(self, ml, round_idx: int, accuracies: list[float]) -> None:
         if accuracies:      # the curriculum watches the pseudo-task training accuracy (the seeds' switch rule)

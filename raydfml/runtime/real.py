@@ -23,11 +23,11 @@ class RealEpisodes:
         datasets = list(pool_datasets(cfg))
         seeds = {d: task_seed(cfg.seed, 31, i) if i else task_seed(cfg.seed, 31) for i, d in enumerate(datasets)}
         if classes is not None:
-            datasets = [d for d in datasets if len(classes.get(d, ())) >= tr.way]
+            datasets = [d for d in datasets if len(classes.get(d, ())) >= cfg.episode_way]
         self.datasets = datasets
         self.splits = [meta_split(cfg, d, "meta_train") for d in datasets]
         self.offsets = [class_offset(cfg, d) for d in datasets]
-        self.samplers = [EpisodeSampler(split, way=tr.way, shot=lc.train_shot, query=lc.train_query,
+        self.samplers = [EpisodeSampler(split, way=cfg.episode_way, shot=lc.train_shot, query=lc.train_query,
                                         seed=seeds[d], classes=None if classes is None else classes[d])
                          for d, split in zip(datasets, self.splits)]
         self.k = 0                      # episodes drawn so far
