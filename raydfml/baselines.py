@@ -173,8 +173,8 @@ def evaluate_final(cfg: ExperimentConfig, trained: dict | None, entries, progres
         if name not in wanted:
             continue
         classes = pool_classes(cfg, entries) if name == "with_data_pool" else None
-        if classes is not None and not any(len(c) >= cfg.train.way for c in classes.values()):
-            notes.append(f"with_data_pool skipped: the pool covers fewer than {cfg.train.way} classes of any dataset")
+        if classes is not None and not any(len(c) >= cfg.episode_way for c in classes.values()):
+            notes.append(f"with_data_pool skipped: the pool covers fewer than {cfg.episode_way} classes of any dataset")
             continue
         if cfg.runtime.workers > 0:   # one-thread Ray tasks (in parallel), like every other worker of the run
             import ray

@@ -42,11 +42,12 @@ SHARED_BASELINES = ("random_init", "teacher_average")
 # anything else (synthesizer, aggregation, rounds, ...).
 _SHARED_SECTIONS = ("data.", "pool.", "learner.")
 # ... except a method's own training choices: the weights of the distillation loss on teacher-labelled
-# tasks (never used on real episodes or in the meta-test) and the outer lr of its meta-updates (a method's
-# with-data reference is trained in its own run, at its lr, for its own number of meta-updates; the
-# table's notes name the lrs when they differ). Neither changes the meta-test protocol.
+# tasks (never used on real episodes or in the meta-test), the outer lr of its meta-updates and the ways
+# of its meta-training episodes (a method's with-data reference is trained in its own run, at its lr, on
+# its episodes, for its own number of meta-updates; the table's notes name them when they differ). None
+# changes the meta-test protocol.
 _METHOD_LEARNER_KEYS = ("learner.kd_weight", "learner.ce_weight", "learner.temperature", "learner.distill_via",
-                        "learner.outer_lr")
+                        "learner.outer_lr", "learner.train_way")
 _SHARED_KEYS = ("scenario", "profile", "seed", "train.way", "train.query", "train.test_tasks", "train.test_shots",
                 "train.baselines")
 
@@ -81,6 +82,16 @@ def outer_lr_note(cfgs: list[ExperimentConfig]) -> str | None:
         return None
     return ("learner.outer_lr differs by method (" + ", ".join(f"{m} {lr:g}" for m, lr in lrs.items())
             + "): each method's meta-updates and its with-data reference use its own.")
+
+
+def episode_way_note(cfgs: list[ExperimentConfig]) -> str | None:
+    """The table's note when the methods meta-train on episodes of different ways (None when they agree)."""
+    ways = {c.method: c.episode_way for c in cfgs}
+    if len(set(ways.values())) < 2:
+        return None
+    return ("meta-training episodes differ in ways by method (" + ", ".join(f"{m} {w}" for m, w in ways.items())
+            + f"-way; every meta-test task is {cfgs[0].train.way}-way): each method's replay and its with-data "
+            "reference use its own.")
 
 
 def _read_json(path: Path) -> dict:
@@ -248,9 +259,7 @@ def run_comparison(cfgs: list[ExperimentConfig], out_dir: str | Path | None = No
                      "only the classes the pool's teachers cover), trained in each method's run for its own number of "
                      "meta-updates, against which its 'recovered' share is computed; the rows show "
                      f"{largest}'s ({updates} meta-updates).")
-    lr_note = outer_lr_note(cfgs)
-    if lr_note:
-        notes.append(lr_note)
+    notes += [n for n in (outer_lr_note(cfgs), episode_way_note(cfgs)) if n]
     for m in methods:
         if not results[m].get("recovered") and results[m].get("meta_test"):
             results[m]["recovered"] = gain_recovered(results[m]["meta_test"], results[m].get("baselines") or {})

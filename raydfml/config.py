@@ -112,7 +112,8 @@ class LearnerConfig:
     meta_batch: int = 4
     train_shot: int = 5
     train_query: int = 15
-    train_way: int = 0                  # ways of a meta-training episode (replay, with-data); 0: train.way
+    train_way: int = 0                  # ways of a meta-training episode (replay, with-data); 0: train.way.
+                                        # ProtoNet only (its head is unused; the others' head has train.way outputs)
     kd_weight: float = 1.0
     ce_weight: float = 1.0
     temperature: float = 1.0
@@ -440,7 +441,14 @@ def validate(cfg: ExperimentConfig) -> None:
     from .data.folder import check_ways
 
     get_spec(cfg.data.dataset)
-    check_ways(cfg.data.domains or (cfg.data.dataset,), pool_way=cfg.pool.way, train_way=cfg.train.way)
+    if lc.train_way < 0 or lc.train_way == 1:
+        raise UserError(f"config learner.train_way={lc.train_way}: 0 (train.way) or at least 2")
+    if lc.train_way and lc.train_way != t.way and lc.name != "protonet":
+        raise UserError(f"config learner.train_way={lc.train_way}: only learner.name=protonet meta-trains on more "
+                        f"or fewer ways than it is tested on (learner {lc.name!r} classifies with a "
+                        f"{t.way}-way head, train.way); add --set learner.train_way=0")
+    check_ways(cfg.data.domains or (cfg.data.dataset,), pool_way=cfg.pool.way, train_way=cfg.train.way,
+               episode_way=lc.train_way or None)
     for arch in (*cfg.pool.archs, lc.arch):
         if arch not in BACKBONES:
             raise UserError(f"config architecture {arch!r}: choose one of {', '.join(BACKBONES.names())} "

@@ -15,6 +15,7 @@ from typing import Callable
 from .config import ExperimentConfig
 from .data.layout import ensure_dataset
 from .diagnostics import class_coverage, gain_recovered, provenance
+from .errors import UserError
 from .artifact import save_meta_model
 from .faults import maybe_fail
 from .rundir import RunLock, check_run_dir, default_run_dir
@@ -59,7 +60,21 @@ def prepare_experiment(cfg: ExperimentConfig, resume: bool = False, progress: bo
         ensure_ray(address=cfg.runtime.address)
     if real:                                    # meta-training on real episodes needs no teachers
         return []
-    return existing_pool(cfg) if resume else prepare_pool(cfg, cfg.runtime.workers, progress)
+    entries = existing_pool(cfg) if resume else prepare_pool(cfg, cfg.runtime.workers, progress)
+    _check_episode_way(cfg, entries)
+    return entries
+
+
+def _check_episode_way(cfg: ExperimentConfig, entries) -> None:
+    """Replay draws ``learner.train_way`` classes per task from what the teachers cover: a pool that
+    covers fewer would never replay, so it is an error before training."""
+    from .baselines import pool_classes
+
+    covered = sum(len(c) for c in pool_classes(cfg, entries).values())
+    if cfg.learner.train_way and covered < cfg.learner.train_way:
+        raise UserError(f"config learner.train_way={cfg.learner.train_way}: the teacher pool covers only "
+                        f"{covered} classes, so no replay task could be drawn; lower it with "
+                        f"--set learner.train_way={covered}")
 
 
 def run_method(cfg: ExperimentConfig, run_dir: Path, entries, resume: bool = False, progress: bool = True,

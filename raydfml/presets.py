@@ -54,7 +54,8 @@ PROFILES: dict[str, dict[str, Any]] = {
         # 120 meta-updates took val 5-shot accuracy from 22.8 to 50.5 with ProtoNet (outer lr 3e-3),
         # to 49.6 with first-order MAML at inner/outer lr 0.1/3e-3 but in 2.3x the time, and only to
         # 26.8 with the seeds' MAML lrs 0.01/1e-3. ProtoNet's test time needs no fine-tuning, which
-        # is what makes a 600-task meta-test affordable. --set learner.name=maml restores MAML.
+        # is what makes a 600-task meta-test affordable. --set learner.name=maml restores MAML (with FREE
+        # also --set learner.train_way=0: its quick episodes are 20-way, which only ProtoNet can train on).
         "learner.name": "protonet", "learner.outer_lr": 3e-3,
         "synth.ngf": 16, "synth.steps": 15, "synth.per_class": 20,
         "train.rounds": 12, "train.teachers_per_round": 2, "train.replay_batches": 8, "train.eval_every": 4,

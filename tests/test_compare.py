@@ -205,7 +205,7 @@ def test_methods_may_choose_their_distillation_weights_and_outer_lr():
     comparable (neither touches the meta-test protocol; each method's with-data reference is trained at
     its own lr in its own run) and the table's notes name the lrs, while a learner option that changes
     the meta-test still refuses."""
-    from raydfml.compare import check_comparable, outer_lr_note
+    from raydfml.compare import check_comparable, episode_way_note, outer_lr_note
     from raydfml.config import resolve
     from raydfml.errors import UserError
 
@@ -216,6 +216,11 @@ def test_methods_may_choose_their_distillation_weights_and_outer_lr():
                                           f"tgr {tgr.learner.outer_lr:g}): each method's meta-updates and its "
                                           "with-data reference use its own.")
     assert outer_lr_note([tgr, resolve("ma", "purer", "quick")]) is None
+    # FREE's replay (and its with-data reference) runs 20-way episodes, the others 5-way: comparable, noted
+    assert episode_way_note([free, tgr]) == ("meta-training episodes differ in ways by method (free 20, tgr 5-way; "
+                                             "every meta-test task is 5-way): each method's replay and its "
+                                             "with-data reference use its own.")
+    assert episode_way_note([tgr, resolve("ma", "purer", "quick")]) is None
     tgr.learner.joint_bn = not free.learner.joint_bn
     with pytest.raises(UserError, match="learner.joint_bn"):
         check_comparable([free, tgr])

@@ -127,17 +127,18 @@ def absolute_name(name: str) -> str:
     return str(Path(name).expanduser().resolve()) if is_folder_name(name) else name
 
 
-def check_ways(datasets, pool_way: int, train_way: int) -> None:
-    """A user's folder with fewer classes than the tasks need is an error before any work starts."""
+def check_ways(datasets, pool_way: int, train_way: int, episode_way: int | None = None) -> None:
+    """A user's folder with fewer classes than the tasks need is an error before any work starts.
+    ``episode_way``: the ways of a meta-training episode (``learner.train_way``), drawn from meta_train."""
     for d in datasets:
         if not is_folder_name(d):
             continue
         counts = class_counts(Path(d))
-        for split, way, key in (("meta_train", pool_way, "pool.way"), ("meta_val", train_way, "train.way"),
-                                ("meta_test", train_way, "train.way")):
+        for split, way, key in (("meta_train", pool_way, "pool.way"), ("meta_train", episode_way or 0, "learner.train_way"),
+                                ("meta_val", train_way, "train.way"), ("meta_test", train_way, "train.way")):
             if counts[split] < way:
                 raise UserError(f"--dataset {d}: {way}-way tasks ({key}) need {way} classes but {split}/ has "
-                                f"{counts[split]}; lower it with --set train.way=N --set pool.way=N")
+                                f"{counts[split]}; lower it with --set {key}=N")
 
 
 __all__ = ["IMAGE_SUFFIXES", "SPLITS", "absolute_name", "check_layout", "check_ways", "class_counts",

@@ -106,7 +106,7 @@ class Method:
 
     def sample_task(self, ml):
         """One replay task ``(x_s, y_s, x_q, y_q, classes)`` in [0, 1] pixels, or None when there is none."""
-        lc, t = self.cfg.learner, self.cfg.train
+        lc = self.cfg.learner
         return ml.bank.sample_task(self.cfg.episode_way, lc.train_shot, lc.train_query, ml.rng)
 
     def after_replay(self, ml, round_idx: int, accuracies: list[float]) -> None:

@@ -173,7 +173,7 @@ class Purer(Method):
         return -ml.learner.outer_loss(params, Task(x_s, y_s.to(ml.device), x_q, y_q.to(ml.device)), create_graph=True)
 
     def sample_task(self, ml):
-        lc, t = self.cfg.learner, self.cfg.train
+        lc = self.cfg.learner
         return self.dataset.sample_task(self.cfg.episode_way, lc.train_shot, lc.train_query, ml.aug_gen)
 
     def after_replay(self, ml, round_idx: int, accuracies: list[float]) -> None:

@@ -16,10 +16,11 @@ from .pool import class_offset, pool_datasets
 
 class RealEpisodes:
     """Seeded real meta-train episodes of the pool's datasets; ``classes`` (dataset -> class ids)
-    restricts each dataset to those classes (a dataset with fewer than ``train.way`` is left out)."""
+    restricts each dataset to those classes (a dataset with fewer than an episode's ways, ``learner.train_way``
+    or ``train.way``, is left out)."""
 
     def __init__(self, cfg: ExperimentConfig, classes: dict[str, list[int]] | None = None):
-        lc, tr = cfg.learner, cfg.train
+        lc = cfg.learner
         datasets = list(pool_datasets(cfg))
         seeds = {d: task_seed(cfg.seed, 31, i) if i else task_seed(cfg.seed, 31) for i, d in enumerate(datasets)}
         if classes is not None:

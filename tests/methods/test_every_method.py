@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 import torch
 
+from raydfml.errors import UserError
 from raydfml.methods import method_names
 
 pytestmark = pytest.mark.e2e
@@ -110,6 +111,13 @@ def test_quick_profile_keeps_the_fidelity_fixes():
     # TGR's IGR displaces the meta-parameters at 0.1, not the seeds' 1e-3 (higher at seeds 0-2, equal at 3-4)
     assert resolve("ma", "tgr", "quick").section("igr").eta == 0.1
     assert resolve("ma", "tgr", "paper").section("igr").eta == 1e-3
+    # FREE's ProtoNet meta-trains on 20-way episodes (higher at every seed), the others at train.way;
+    # paper keeps the seeds' MAML at 5 ways, and FREE on MAML is told to drop the wider episodes
+    assert free.learner.train_way == 20 and free.episode_way == 20 and free.train.way == 5
+    assert resolve("ma", "free", "paper").episode_way == 5
+    assert all(resolve("ma", m, "quick").episode_way == 5 for m in ("tgr", "purer"))
+    with pytest.raises(UserError, match="learner.train_way=0"):
+        resolve("ma", "free", "quick", {"learner.name": "maml"})
 
 
 def test_a_presets_rule_options_give_way_to_another_rule():
