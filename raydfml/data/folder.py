@@ -134,7 +134,8 @@ def check_ways(datasets, pool_way: int, train_way: int, episode_way: int | None 
         if not is_folder_name(d):
             continue
         counts = class_counts(Path(d))
-        for split, way, key in (("meta_train", pool_way, "pool.way"), ("meta_train", episode_way or 0, "learner.train_way"),
+        for split, way, key in (("meta_train", pool_way, "pool.way"),
+                                ("meta_train", episode_way or 0, "learner.train_way"),
                                 ("meta_val", train_way, "train.way"), ("meta_test", train_way, "train.way")):
             if counts[split] < way:
                 raise UserError(f"--dataset {d}: {way}-way tasks ({key}) need {way} classes but {split}/ has "

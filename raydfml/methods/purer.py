@@ -161,8 +161,8 @@ class Purer(Method):
         """Minus the meta-model's outer query loss on a task drawn from the (non-detached) images:
         maximising it makes the synthetic tasks harder for the current meta-model (PURER's ECI)."""
         lc, t = self.cfg.learner, self.cfg.train
-        x_s, y_s, x_q, y_q, classes = self.dataset.sample_task(self.cfg.episode_way, lc.train_shot, lc.train_query, ml.aug_gen,
-                                                               images=images)
+        x_s, y_s, x_q, y_q, classes = self.dataset.sample_task(self.cfg.episode_way, lc.train_shot, lc.train_query,
+                                                               ml.aug_gen, images=images)
         from ..learners import Task
 
         x_s = ml.normalize(augment(x_s, t.augment, ml.aug_gen), y_s, classes).to(ml.device)
