@@ -220,6 +220,18 @@ def _diagnostic_lines(results: Mapping) -> list[str]:
 
 
 # ----------------------------------------------------------------------------- the run directory
+# save_gallery's layout in pixels: a title strip, then one cell (caption above image) per image.
+GALLERY_CELL = (104, 116)
+GALLERY_PAD = 8
+GALLERY_TITLE = 20
+GALLERY_CAPTION = 30           # two lines of PIL's default font
+
+
+def gallery_size(per_class: int, n_classes: int) -> tuple[int, int]:
+    """(width, height) of a gallery of ``n_classes`` rows of ``per_class`` images."""
+    return per_class * GALLERY_CELL[0], GALLERY_TITLE + n_classes * GALLERY_CELL[1]
+
+
 class RunReport:
     """Writes one run's directory (see the module docstring).
 
@@ -326,34 +338,38 @@ class RunReport:
     def save_gallery(self, round: int, rec, per_class: int = 6) -> Path | None:
         """``gallery/round<r>_teacher<t>.png``: a teacher's recovered images, one row per class, each
         captioned with the label it was recovered for, the teacher's own label and its confidence
-        (red where the teacher disagrees). ``rec`` is a TeacherRecord with images."""
+        (red where the teacher disagrees). ``rec`` is a TeacherRecord with images.
+
+        Drawn with PIL rather than matplotlib: a matplotlib figure of subplots cost about a second per
+        gallery, several per run, which added up over a test suite of short runs."""
         if rec.images is None or not len(rec.images):
             return None
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
+        from PIL import Image, ImageDraw, ImageFont
 
         images, labels = np.asarray(rec.images, dtype=np.float32), np.asarray(rec.labels)
         pred = None if rec.predicted is None else np.asarray(rec.predicted)
         conf = None if rec.confidence is None else np.asarray(rec.confidence)
         classes = sorted(set(labels.tolist()))
-        fig = Figure(figsize=(1.3 * per_class, 1.45 * len(classes)), dpi=80)
-        FigureCanvasAgg(fig)
+        width, height = gallery_size(per_class, len(classes))
+        canvas = Image.new("RGB", (width, height), "white")
+        draw, font = ImageDraw.Draw(canvas), ImageFont.load_default()
+        draw.text((4, 4), f"round {round}, teacher {rec.teacher} ({rec.arch})", fill="black", font=font)
+        side = min(GALLERY_CELL[0] - 2 * GALLERY_PAD, GALLERY_CELL[1] - GALLERY_CAPTION - GALLERY_PAD)
         for row, c in enumerate(classes):
-            idx = np.flatnonzero(labels == c)[:per_class]
-            for col, i in enumerate(idx):
-                ax = fig.add_subplot(len(classes), per_class, row * per_class + col + 1)
-                ax.imshow(np.clip(images[i].transpose(1, 2, 0), 0, 1))
-                ax.set_xticks([]), ax.set_yticks([])
+            for col, i in enumerate(np.flatnonzero(labels == c)[:per_class]):
+                x0, y0 = col * GALLERY_CELL[0], GALLERY_TITLE + row * GALLERY_CELL[1]
                 text = f"class {rec.classes[c]}"
                 if pred is not None:
                     text += f"\nteacher {rec.classes[int(pred[i])]}" + ("" if conf is None else f" {conf[i]:.2f}")
-                ax.set_title(text, fontsize=7, color="black" if pred is None or pred[i] == c else "red")
-        fig.suptitle(f"round {round}, teacher {rec.teacher} ({rec.arch})", fontsize=9)
-        fig.tight_layout()
+                colour = "black" if pred is None or pred[i] == c else "red"
+                draw.multiline_text((x0 + GALLERY_PAD, y0 + 2), text, fill=colour, font=font, spacing=2)
+                pixels = (np.clip(images[i].transpose(1, 2, 0), 0, 1) * 255).round().astype(np.uint8)
+                tile = Image.fromarray(pixels).resize((side, side), Image.NEAREST)
+                canvas.paste(tile, (x0 + GALLERY_PAD, y0 + GALLERY_CELL[1] - side - GALLERY_PAD))
         path = self.run_dir / "gallery" / f"round{int(round):04d}_teacher{rec.teacher}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(path) as tmp:
-            fig.savefig(tmp, format="png")
+            canvas.save(tmp, format="PNG")
         return path
 
     def log_images(self, round: int, tag: str, images: torch.Tensor, nrow: int = 10,

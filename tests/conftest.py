@@ -6,12 +6,17 @@ import os
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TQDM_DISABLE", "1")
+# Every process a test starts (launch.py subprocesses, Ray workers, Tune trials) inherits one intra-op
+# thread. Two pytest-xdist workers each running a run with torch's default of one thread per core
+# oversubscribe a 2-core CI machine, and OpenMP's spinning threads then make a smoke run ten times
+# slower (two concurrent `launch.py --profile smoke` runs: 271 s with the default, 28 s with this).
+os.environ["OMP_NUM_THREADS"] = "1"
+os.environ["MKL_NUM_THREADS"] = "1"
 
 import pytest
 import torch
 
-# Tests check behaviour, not speed: one thread avoids oversubscribing small CI machines, where
-# torch's thread pools spinning against Ray workers can slow small convolutions tenfold.
+# Tests check behaviour, not speed: one thread in the test processes too (see OMP_NUM_THREADS above).
 torch.set_num_threads(1)
 
 

@@ -66,7 +66,25 @@ def test_same_seed_in_process_gives_identical_meta_test(smoke_root, tmp_path):
     assert a["baselines"] == b["baselines"]
 
 
-def test_teacher_pool_actor_killed_mid_run_is_replaced(smoke_root, ray_session, tmp_path):
+@pytest.fixture(scope="module")
+def clean_ray_run(smoke_root, ray_session, tmp_path_factory):
+    """train() of the smoke run on Ray (2 TeacherPool actors), undisturbed: the reference both
+    actor-kill tests must end at exactly (run once for the module; a smoke run on Ray is the
+    slowest thing here)."""
+    from raydfml.report import RunReport
+    from raydfml.runtime.driver import train
+    from raydfml.runtime.pool import existing_pool
+
+    out = tmp_path_factory.mktemp("clean-ray")
+    cfg = _cfg(smoke_root, out, "--workers", "2")
+    report = RunReport(out, cfg.to_dict())
+    try:
+        return train(cfg, out, report, progress=False, entries=existing_pool(cfg))
+    finally:
+        report.close()
+
+
+def test_teacher_pool_actor_killed_mid_run_is_replaced(smoke_root, ray_session, clean_ray_run, tmp_path):
     import ray
 
     from raydfml.report import RunReport
@@ -90,13 +108,12 @@ def test_teacher_pool_actor_killed_mid_run_is_replaced(smoke_root, ray_session, 
     # ... and the run ends with exactly the parameters of an undisturbed one
     import torch
 
-    report = RunReport(tmp_path / "clean", cfg.to_dict())
-    clean = train(cfg, tmp_path / "clean", report, progress=False, entries=existing_pool(cfg))
-    report.close()
+    clean = clean_ray_run
     assert all(torch.equal(clean["best_params"][n], out["best_params"][n]) for n in clean["best_params"])
 
 
-def test_meta_learner_killed_mid_run_is_replaced_from_its_checkpoint(smoke_root, ray_session, tmp_path):
+def test_meta_learner_killed_mid_run_is_replaced_from_its_checkpoint(smoke_root, ray_session, clean_ray_run,
+                                                                    tmp_path):
     """Fault injection: the MetaLearner actor dies after round 1's checkpoint; the run replaces it,
     reloads the checkpoint and ends with exactly the parameters of an uninterrupted run."""
     import ray
@@ -114,11 +131,11 @@ def test_meta_learner_killed_mid_run_is_replaced_from_its_checkpoint(smoke_root,
             ray.kill(executor.meta, no_restart=True)
             killed.append(r)
 
-    outs = {}
-    for name, hook in (("clean", None), ("killed", kill_meta)):
-        report = RunReport(tmp_path / name, cfg.to_dict())
-        outs[name] = train(cfg, tmp_path / name, report, progress=False, entries=existing_pool(cfg), on_round_end=hook)
-        report.close()
+    report = RunReport(tmp_path / "killed", cfg.to_dict())
+    outs = {"clean": clean_ray_run,
+            "killed": train(cfg, tmp_path / "killed", report, progress=False, entries=existing_pool(cfg),
+                            on_round_end=kill_meta)}
+    report.close()
     assert killed == [1] and outs["killed"]["actors_replaced"] >= 1
     assert pd.read_csv(tmp_path / "killed" / "metrics.csv")["round"].tolist() == list(range(cfg.train.rounds))
     clean, recovered = outs["clean"]["best_params"], outs["killed"]["best_params"]

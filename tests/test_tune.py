@@ -225,8 +225,8 @@ def test_smoke_sweep_writes_one_table_of_all_trials(sweep_data, ray_session, tmp
 INTERRUPT = {
     "name": "interrupt", "profile": "smoke", "method": "deepinv",
     "set": {"train.eval_every": 1, "train.val_tasks": 3, "train.test_tasks": 4, "train.baselines": []},
-    # Trial 0 finishes first; trial 2 (12 rounds) is still running or pending when the sweep is interrupted.
-    "space": {"train.rounds": {"grid": [2, 3, 12]}},
+    # Trial 0 finishes first; trial 2 (6 rounds) is still running or pending when the sweep is interrupted.
+    "space": {"train.rounds": {"grid": [2, 3, 6]}},
     "max_concurrent_trials": 2, "scheduler": "fifo",
     "resources": {"workers": 1, "trial_cpus": 0.25, "actor_cpus": 0.35},
 }
@@ -270,7 +270,7 @@ def test_interrupted_sweep_restores_without_rerunning_finished_trials(sweep_data
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     df = pd.read_csv(exp / "trials.csv")
     assert len(df) == 3 and (df["status"] == "completed").all(), df.to_string()
-    assert sorted(df["rounds_done"]) == [2, 3, 12]
+    assert sorted(df["rounds_done"]) == [2, 3, 6]
     for name, text in finished.items():                      # finished trials were not run again
         assert (exp / name / "result.json").read_text() == text
         assert (exp / name / "run" / "metrics.csv").read_text() == before[name]
