@@ -66,32 +66,36 @@ def test_same_seed_in_process_gives_identical_meta_test(smoke_root, tmp_path):
     assert a["baselines"] == b["baselines"]
 
 
-@pytest.fixture(scope="module")
-def clean_ray_run(smoke_root, ray_session, tmp_path_factory):
-    """train() of the smoke run on Ray (2 TeacherPool actors), undisturbed: the reference both
-    actor-kill tests must end at exactly (run once for the module; a smoke run on Ray is the
-    slowest thing here)."""
+def _train_on_ray(root, out, on_round_end=None) -> dict:
+    """train() of the smoke run on Ray (2 TeacherPool actors) into ``out``; ``on_round_end`` injects faults."""
     from raydfml.report import RunReport
     from raydfml.runtime.driver import train
     from raydfml.runtime.pool import existing_pool
 
-    out = tmp_path_factory.mktemp("clean-ray")
-    cfg = _cfg(smoke_root, out, "--workers", "2")
+    cfg = _cfg(root, out, "--workers", "2")
     report = RunReport(out, cfg.to_dict())
     try:
-        return train(cfg, out, report, progress=False, entries=existing_pool(cfg))
+        return train(cfg, out, report, progress=False, entries=existing_pool(cfg), on_round_end=on_round_end)
     finally:
         report.close()
+
+
+@pytest.fixture(scope="module")
+def clean_ray_run(smoke_root, ray_session, tmp_path_factory):
+    """The undisturbed smoke run on Ray that both actor-kill tests must end at exactly (run once for the
+    module: a smoke run on Ray is the slowest thing here)."""
+    return _train_on_ray(smoke_root, tmp_path_factory.mktemp("clean-ray"))
+
+
+def _same_params(a: dict, b: dict) -> bool:
+    import torch
+
+    return all(torch.equal(a["best_params"][n], b["best_params"][n]) for n in a["best_params"])
 
 
 def test_teacher_pool_actor_killed_mid_run_is_replaced(smoke_root, ray_session, clean_ray_run, tmp_path):
     import ray
 
-    from raydfml.report import RunReport
-    from raydfml.runtime.driver import train
-    from raydfml.runtime.pool import existing_pool
-
-    cfg = _cfg(smoke_root, tmp_path / "run", "--workers", "2")
     killed = []
 
     def kill_after_round_one(r, metrics, executor):
@@ -99,17 +103,11 @@ def test_teacher_pool_actor_killed_mid_run_is_replaced(smoke_root, ray_session, 
             ray.kill(executor.pools[0], no_restart=True)
             killed.append(r)
 
-    report = RunReport(tmp_path / "run", cfg.to_dict())
-    out = train(cfg, tmp_path / "run", report, progress=False, entries=existing_pool(cfg),
-                on_round_end=kill_after_round_one)
-    report.close()
+    out = _train_on_ray(smoke_root, tmp_path / "run", on_round_end=kill_after_round_one)
     assert killed == [1] and out["actors_replaced"] >= 1
-    assert pd.read_csv(tmp_path / "run" / "metrics.csv")["round"].tolist() == list(range(cfg.train.rounds))
-    # ... and the run ends with exactly the parameters of an undisturbed one
-    import torch
-
-    clean = clean_ray_run
-    assert all(torch.equal(clean["best_params"][n], out["best_params"][n]) for n in clean["best_params"])
+    rounds = _cfg(smoke_root, tmp_path / "run").train.rounds
+    assert pd.read_csv(tmp_path / "run" / "metrics.csv")["round"].tolist() == list(range(rounds))
+    assert _same_params(clean_ray_run, out)           # ... ending with exactly an undisturbed run's parameters
 
 
 def test_meta_learner_killed_mid_run_is_replaced_from_its_checkpoint(smoke_root, ray_session, clean_ray_run,
@@ -117,13 +115,7 @@ def test_meta_learner_killed_mid_run_is_replaced_from_its_checkpoint(smoke_root,
     """Fault injection: the MetaLearner actor dies after round 1's checkpoint; the run replaces it,
     reloads the checkpoint and ends with exactly the parameters of an uninterrupted run."""
     import ray
-    import torch
 
-    from raydfml.report import RunReport
-    from raydfml.runtime.driver import train
-    from raydfml.runtime.pool import existing_pool
-
-    cfg = _cfg(smoke_root, tmp_path / "run", "--workers", "2")
     killed = []
 
     def kill_meta(r, metrics, executor):
@@ -131,15 +123,11 @@ def test_meta_learner_killed_mid_run_is_replaced_from_its_checkpoint(smoke_root,
             ray.kill(executor.meta, no_restart=True)
             killed.append(r)
 
-    report = RunReport(tmp_path / "killed", cfg.to_dict())
-    outs = {"clean": clean_ray_run,
-            "killed": train(cfg, tmp_path / "killed", report, progress=False, entries=existing_pool(cfg),
-                            on_round_end=kill_meta)}
-    report.close()
-    assert killed == [1] and outs["killed"]["actors_replaced"] >= 1
-    assert pd.read_csv(tmp_path / "killed" / "metrics.csv")["round"].tolist() == list(range(cfg.train.rounds))
-    clean, recovered = outs["clean"]["best_params"], outs["killed"]["best_params"]
-    assert all(torch.equal(clean[n], recovered[n]) for n in clean)
+    out = _train_on_ray(smoke_root, tmp_path / "killed", on_round_end=kill_meta)
+    assert killed == [1] and out["actors_replaced"] >= 1
+    rounds = _cfg(smoke_root, tmp_path / "killed").train.rounds
+    assert pd.read_csv(tmp_path / "killed" / "metrics.csv")["round"].tolist() == list(range(rounds))
+    assert _same_params(clean_ray_run, out)
 
 
 def test_sigkill_then_resume_continues_from_checkpoint(smoke_root, tmp_path):
