@@ -105,6 +105,8 @@ def test_quick_profile_keeps_the_fidelity_fixes():
     assert purer.section("purer").data_steps == 5 and purer.train.teachers_per_round == 6
     # PURER's rows are smoothed by a TV prior 100x the seeds' (higher at every seed); paper keeps the seeds'
     assert purer.section("purer").tv_weight == 1e-2 and resolve("ma", "purer", "paper").section("purer").tv_weight == 1e-4
+    # nor do they take the BN-statistics prior (learned more at 5 shots at five of five seeds); paper keeps 0.01
+    assert purer.section("purer").bn_weight == 0.0 and resolve("ma", "purer", "paper").section("purer").bn_weight == 0.01
     # deepinv's pixel inversion takes the same TV prior (higher at every seed on mr)
     assert resolve("mr", "deepinv", "quick").synth.tv_weight == 1e-2
     assert resolve("mr", "deepinv", "paper").synth.tv_weight == 1e-4
