@@ -110,6 +110,9 @@ def test_quick_profile_keeps_the_fidelity_fixes():
     # deepinv's pixel inversion takes the same TV prior (higher at every seed on mr)
     assert resolve("mr", "deepinv", "quick").synth.tv_weight == 1e-2
     assert resolve("mr", "deepinv", "paper").synth.tv_weight == 1e-4
+    # ... and a BN prior 20x PURER's (higher at every seed); paper keeps 0.01
+    assert resolve("mr", "deepinv", "quick").synth.bn_weight == 0.2
+    assert resolve("mr", "deepinv", "paper").synth.bn_weight == 0.01
     # TGR's IGR displaces the meta-parameters at 0.1, not the seeds' 1e-3 (higher at seeds 0-2, equal at 3-4)
     assert resolve("ma", "tgr", "quick").section("igr").eta == 0.1
     assert resolve("ma", "tgr", "paper").section("igr").eta == 1e-3
