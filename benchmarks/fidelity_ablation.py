@@ -48,6 +48,7 @@ ROWS: dict[str, tuple[str, dict]] = {
     "purer - 5 data steps from 6 teachers (1 from 2)": ("purer", {"purer.data_steps": 1,
                                                                   "train.teachers_per_round": 2}),
     "purer - TV prior 1e-2 (the seeds' 1e-4)": ("purer", {"purer.tv_weight": 1e-4}),
+    "purer - no BN prior (the seeds' 0.01)": ("purer", {"purer.bn_weight": 0.01}),
     "purer - distinct class plans per architecture": ("purer", {"pool.arch_plans": "shared"}),
     "purer outer lr 5e-3": ("purer", {"learner.outer_lr": 5e-3}),
 }
