@@ -21,6 +21,7 @@ Fixes against the seeds (reference/purer.md §7):
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import time
 from typing import Callable, Sequence
@@ -61,10 +62,13 @@ def purer_teacher_loss(teacher: nn.Module, teacher_classes: Sequence[int], rows:
     targets = relative_targets(teacher_classes, row_classes).to(device)
     normalize = make_normalizer(mean, std, device)
     x = rows.detach().to(device, torch.float32).requires_grad_(True)
-    with frozen(teacher), BNStatsLoss(teacher) as bn:
+    # No BN hooks at weight 0 (PURER's quick profile), as FREE's recovery: they would record statistics of
+    # every forward pass for a term that is multiplied by zero.
+    with frozen(teacher), (BNStatsLoss(teacher) if bn_weight else contextlib.nullcontext()) as bn:
         logits = teacher(normalize(apply_augment(x, augment, cpu_generator(seed))))
         xn = normalize(x)
-        loss = (ce_weight * F.cross_entropy(logits, targets) + bn_weight * bn.loss()
+        bn_term = bn_weight * bn.loss() if bn_weight else 0.0
+        loss = (ce_weight * F.cross_entropy(logits, targets) + bn_term
                 + tv_weight * total_variation(xn) + l2_weight * torch.linalg.vector_norm(xn))
         grad, = torch.autograd.grad(loss, x)
         with torch.no_grad():

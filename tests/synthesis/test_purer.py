@@ -166,3 +166,16 @@ def test_bad_configuration_is_a_user_error():
         PurerDataset([1, 1], 4, 32)
     with pytest.raises(UserError, match="augment"):
         PurerDataset([1, 2], 4, 32, augment="blur")
+
+
+def test_bn_weight_zero_needs_no_batchnorm_layers():
+    """At ``bn_weight`` 0 (PURER's quick profile) the loss takes no BN statistics, so no hooks are set and
+    a teacher without BatchNorm layers is fine; any positive weight still needs them."""
+    torch.manual_seed(0)
+    no_bn = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                                torch.nn.Flatten(), torch.nn.Linear(4, 2)).eval()
+    rows = torch.rand(4, 3, 8, 8)
+    rec = purer_teacher_loss(no_bn, (3, 5), rows, MEAN, STD, seed=0, bn_weight=0.0)
+    assert rec.state_grad["rows"].shape == rows.shape and rec.state_grad["rows"].abs().sum() > 0
+    with pytest.raises(RuntimeError, match="BNStatsLoss"):
+        purer_teacher_loss(no_bn, (3, 5), rows, MEAN, STD, seed=0, bn_weight=0.01)
