@@ -52,7 +52,7 @@ def save_meta_model(run_dir: str | Path, params: Mapping[str, torch.Tensor], cfg
         "normalization": {d: {"mean": list(get_spec(d).mean), "std": list(get_spec(d).std)}
                           for d in pool_datasets(cfg)},
         "learner": {"name": lc.name, "inner_lr": lc.inner_lr, "test_inner_steps": lc.test_inner_steps,
-                    "joint_bn": lc.joint_bn},
+                    "joint_bn": lc.joint_bn, "metric": lc.metric, "metric_scale": lc.metric_scale},
         "trained_by": {"scenario": cfg.scenario, "method": cfg.method, "profile": cfg.profile, "seed": cfg.seed},
     }
     with atomic_path(run_dir / MODEL_FILE) as tmp:
@@ -110,7 +110,9 @@ class MetaModel:
                             f"(parameters differ: {', '.join(sorted(missing)[:3])})")
         lc = spec["learner"]
         self._learner = build_learner(lc["name"], self.model, inner_lr=lc["inner_lr"],
-                                      test_inner_steps=lc["test_inner_steps"], joint_bn=lc.get("joint_bn", False))
+                                      test_inner_steps=lc["test_inner_steps"], joint_bn=lc.get("joint_bn", False),
+                                      metric=lc.get("metric", "euclidean"),
+                                      metric_scale=lc.get("metric_scale", 10.0))
         self.params = {n: v.to(self.device) for n, v in params.items()}
 
     def _prepare(self, x: torch.Tensor) -> torch.Tensor:

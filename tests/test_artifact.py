@@ -120,3 +120,28 @@ def test_recovered_image_galleries_and_per_teacher_accuracy(finished_run):
     metrics = pd.read_csv(run_dir / "metrics.csv")
     per_teacher = [c for c in metrics.columns if c.startswith("synth/teacher_acc_by_id/")]
     assert per_teacher and metrics[per_teacher].notna().sum().sum() >= len(metrics)
+
+
+def test_a_cosine_protonet_is_loaded_with_its_metric(tmp_path):
+    """The artifact keeps ProtoNet's prediction rule: a model meta-trained with learner.metric=cosine
+    predicts as the engine's learner with that metric, not with the Euclidean default."""
+    from raydfml.artifact import save_meta_model
+    from raydfml.runtime.parts import build_learner_for, build_meta_model
+
+    cfg = resolve("mr", "deepinv", "smoke", {"learner.name": "protonet", "learner.metric": "cosine",
+                                             "learner.metric_scale": 5.0})
+    torch.manual_seed(0)
+    learner = build_learner_for(cfg, build_meta_model(cfg))
+    params = {n: p.detach() for n, p in learner.model.named_parameters()}
+    save_meta_model(tmp_path, params, cfg)
+    model = raydfml.load_meta_model(tmp_path)
+    g = torch.Generator().manual_seed(1)
+    xs, xq = torch.rand(10, 3, model.image_size, model.image_size, generator=g), \
+        torch.rand(6, 3, model.image_size, model.image_size, generator=g)
+    ys = torch.arange(5).repeat(2)
+    x_s, x_q = model._prepare(xs), model._prepare(xq)
+    expected = learner.predict(params, x_s, ys, x_q)
+    assert torch.allclose(model.adapt(xs, ys).logits(xq), expected)
+    euclidean = build_learner_for(resolve("mr", "deepinv", "smoke", {"learner.name": "protonet"}), learner.model)
+    assert not torch.allclose(euclidean.predict(params, x_s, ys, x_q), expected)
+    assert model._learner.metric == "cosine" and model._learner.metric_scale == 5.0

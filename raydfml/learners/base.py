@@ -32,6 +32,7 @@ from torch.func import functional_call
 from ..errors import UserError
 
 Params = dict[str, Tensor]
+METRICS = ("euclidean", "cosine")            # ProtoNet's logits (``metric``); the others ignore it
 
 
 @dataclass
@@ -188,6 +189,9 @@ class Learner:
       linear head on support and query together (ProtoNet never trains or uses that head).
     - ``joint_bn``: ProtoNet only: support and query go through BatchNorm as one batch (Snell et al.'s
       code), instead of each with its own batch statistics (at 1-shot: 5 support images).
+    - ``metric``, ``metric_scale``: ProtoNet only: ``euclidean`` logits are minus the squared distance
+      to the prototypes (Snell et al.); ``cosine`` ones ``metric_scale`` times the cosine between the
+      L2-normalised query feature and the prototype of the normalised support features.
     """
 
     name = "base"
@@ -198,7 +202,7 @@ class Learner:
     def __init__(self, model: nn.Module, inner_lr: float = 0.01, inner_steps: int = 5,
                  test_inner_steps: int = 10, first_order: bool = True, kd_weight: float = 1.0,
                  ce_weight: float = 1.0, temperature: float = 1.0, distill_via: str = "learner",
-                 joint_bn: bool = False):
+                 joint_bn: bool = False, metric: str = "euclidean", metric_scale: float = 10.0):
         _check_model(model)
         if not inner_lr > 0:
             raise UserError(f"learner option inner_lr must be > 0, got {inner_lr}")
@@ -211,6 +215,10 @@ class Learner:
             raise UserError(f"learner options kd_weight/ce_weight must be >= 0, got {kd_weight}/{ce_weight}")
         if distill_via not in ("learner", "head"):
             raise UserError(f"learner option distill_via must be learner or head, got {distill_via!r}")
+        if metric not in METRICS:
+            raise UserError(f"learner option metric must be {' or '.join(METRICS)}, got {metric!r}")
+        if not metric_scale > 0:
+            raise UserError(f"learner option metric_scale must be > 0, got {metric_scale}")
         self.model = model
         self.inner_lr = float(inner_lr)
         self.inner_steps = int(inner_steps)
@@ -221,6 +229,7 @@ class Learner:
         self.temperature = float(temperature)
         self.distill_via = distill_via
         self.joint_bn = bool(joint_bn)
+        self.metric, self.metric_scale = metric, float(metric_scale)
         self._features_net = _FeatureNet(model) if hasattr(model, "forward_features") else None
 
     def __repr__(self) -> str:

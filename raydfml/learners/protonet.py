@@ -2,7 +2,9 @@
 
 Embeddings are ``model.forward_features`` (the flattened input of the head; the head itself is
 unused). Class prototypes are the means of the support embeddings; logits are the negative squared
-Euclidean distances ``-||f(q) - p_c||^2`` (no temperature), trained with the task loss (CE, plus
+Euclidean distances ``-||f(q) - p_c||^2`` (no temperature), or with ``metric="cosine"`` the scaled
+cosines ``s * <f(q)/||f(q)||, p_c/||p_c||>`` with ``p_c`` the mean of the normalised support
+embeddings (``s`` = ``metric_scale``; Chen et al. 2019's cosine classifiers use a fixed 10), trained with the task loss (CE, plus
 distillation when the task carries teacher logits for the query). There is no inner loop: ``adapt``
 is the identity and ``predict`` uses the support prototypes without fine-tuning.
 
@@ -27,6 +29,14 @@ def prototypes(feats: Tensor, y: Tensor, way: int | None = None) -> Tensor:
     sums = torch.zeros(way, feats.shape[1], dtype=feats.dtype, device=feats.device).index_add(0, y, feats)
     counts = torch.bincount(y, minlength=way).clamp_min(1).to(feats.dtype)
     return sums / counts[:, None]
+
+
+def cosine_logits(query_feats: Tensor, support_feats: Tensor, y_support: Tensor, way: int | None,
+                  scale: float) -> Tensor:
+    """``scale`` x the cosine between each L2-normalised query feature and each class's prototype (the
+    mean of the normalised support features): ``[n_query, way]``."""
+    protos = prototypes(F.normalize(support_feats, dim=1), y_support, way)
+    return scale * F.normalize(query_feats, dim=1) @ F.normalize(protos, dim=1).T
 
 
 def proto_logits(query_feats: Tensor, protos: Tensor) -> Tensor:
@@ -64,6 +74,8 @@ class ProtoNet(Learner):
             f_s, f_q = feats[:len(x_support)], feats[len(x_support):]
         else:
             f_s, f_q = self.features(params, x_support), self.features(params, x_query)
+        if self.metric == "cosine":
+            return cosine_logits(f_q, f_s, y_support, way, self.metric_scale)
         return proto_logits(f_q, prototypes(f_s, y_support, way))
 
     def task_loss(self, params: Mapping[str, Tensor], task: Task) -> Tensor:

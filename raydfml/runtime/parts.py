@@ -47,4 +47,5 @@ def build_learner_for(cfg: ExperimentConfig, model: torch.nn.Module):
     return build_learner(lc.name, model, inner_lr=lc.inner_lr, inner_steps=lc.inner_steps,
                          test_inner_steps=lc.test_inner_steps, first_order=lc.first_order,
                          kd_weight=lc.kd_weight, ce_weight=lc.ce_weight, temperature=lc.temperature,
-                         distill_via=lc.distill_via, joint_bn=lc.joint_bn)
+                         distill_via=lc.distill_via, joint_bn=lc.joint_bn,
+                         metric=lc.metric, metric_scale=lc.metric_scale)

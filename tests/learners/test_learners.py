@@ -457,3 +457,31 @@ def test_protonet_joint_bn_normalises_support_and_query_as_one_batch():
     assert torch.allclose(joint.logits(params, task.x_support, task.y_support, task.x_query), expected, atol=1e-5)
     separate = learner.logits(params, task.x_support, task.y_support, task.x_query)
     assert not torch.allclose(separate, expected, atol=1e-3)        # 5 support images' own statistics differ
+
+
+def test_protonet_cosine_metric_scales_the_cosine_to_normalised_prototypes():
+    model, task = tiny_setup(seed=3, shot=3)
+    learner = ProtoNet(model, metric="cosine", metric_scale=7.0)
+    params = learner.init_params()
+    f_s, f_q = learner.features(params, task.x_support), learner.features(params, task.x_query)
+    unit = f_s / f_s.norm(dim=1, keepdim=True)
+    protos = torch.stack([unit[task.y_support == c].mean(0) for c in range(3)])
+    expected = 7.0 * torch.stack([torch.cosine_similarity(q[None], protos, dim=1) for q in f_q])
+    got = learner.logits(params, task.x_support, task.y_support, task.x_query)
+    assert torch.allclose(got, expected)
+    assert got.abs().max() <= 7.0 + 1e-9
+    # the Euclidean default is a different rule on the same features
+    assert not torch.allclose(ProtoNet(model).logits(params, task.x_support, task.y_support, task.x_query), got)
+    assert_grads_close(learner.meta_grads(params, task)[0], fd_meta_grad(learner, params, task))
+
+
+def test_protonet_metric_options_are_checked():
+    with pytest.raises(UserError, match="metric"):
+        ProtoNet(conv4(), metric="manhattan")
+    with pytest.raises(UserError, match="metric_scale"):
+        ProtoNet(conv4(), metric="cosine", metric_scale=0)
+    from raydfml.config import resolve
+
+    assert resolve("ma", "free", "quick", {"learner.metric": "cosine"}).learner.metric == "cosine"
+    with pytest.raises(UserError, match="learner.metric='cosine': only learner.name=protonet"):
+        resolve("mr", "deepinv", "smoke", {"learner.metric": "cosine"})          # smoke's learner is MAML
