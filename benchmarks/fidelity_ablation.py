@@ -34,6 +34,8 @@ ROWS: dict[str, tuple[str, dict]] = {
     "free - distinct class plans per architecture": ("free", {"pool.arch_plans": "shared"}),
     "free - distil through the prototypes": ("free", {"learner.distill_via": "head"}),
     "free - 4 teachers per round (2)": ("free", {"train.teachers_per_round": 2}),
+    "free - colour prior on replay (train.augment shift)": ("free", {"train.augment": "shift"}),
+    "free cosine ProtoNet": ("free", {"learner.metric": "cosine"}),
     "tgr": ("tgr", {}),
     "tgr - small KD step (kd/ce weight 1)": ("tgr", {"learner.kd_weight": 1.0, "learner.ce_weight": 1.0}),
     "tgr - no BN prior (bn_weight 1)": ("tgr", {"synth.bn_weight": 1.0}),
@@ -51,6 +53,7 @@ ROWS: dict[str, tuple[str, dict]] = {
     "purer - no BN prior (the seeds' 0.01)": ("purer", {"purer.bn_weight": 0.01}),
     "purer - distinct class plans per architecture": ("purer", {"pool.arch_plans": "shared"}),
     "purer outer lr 5e-3": ("purer", {"learner.outer_lr": 5e-3}),
+    "purer data lr 0.05": ("purer", {"purer.lr": 0.05}),
 }
 
 
