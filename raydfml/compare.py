@@ -102,15 +102,16 @@ def _read_json(path: Path) -> dict:
 
 
 def _config_mismatch(run_dir: Path, cfg: ExperimentConfig) -> str | None:
-    """How ``run_dir/config.json`` differs from ``cfg`` (runtime settings and ``out`` aside), or None."""
+    """How ``run_dir/config.json`` differs from ``cfg`` in an option that decides results (the same rule
+    as a single run's --resume: runtime settings, ``out`` and options added since at their defaults
+    aside), or None."""
+    from .rundir import option_differences
+
     path = run_dir / "config.json"
     if not path.is_file():
         return None
-    saved, now = flatten(_read_json(path)), flatten(_jsonable(cfg.to_dict()))
-    for key in sorted(set(saved) | set(now)):
-        if key != "out" and not key.startswith("runtime.") and saved.get(key) != now.get(key):
-            return f"{key}={saved.get(key)!r} there, {now.get(key)!r} now"
-    return None
+    diff = option_differences(_read_json(path), cfg)
+    return diff[0] if diff else None
 
 
 def _plan(cfgs: list[ExperimentConfig], out: Path, resume: bool) -> dict[str, str]:

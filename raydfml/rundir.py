@@ -35,7 +35,8 @@ def _added_later() -> dict:
     from .config import WeightingConfig
 
     added = flatten({"weighting": dataclasses.asdict(WeightingConfig())})
-    added.update({"aggregate.weighting": "none", "train.source": "teachers", "pool.black_box": False})
+    added.update({"aggregate.weighting": "none", "train.source": "teachers", "pool.black_box": False,
+                  "learner.metric": "euclidean", "learner.metric_scale": 10.0})
     return json.loads(json.dumps(added))
 
 

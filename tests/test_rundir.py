@@ -117,3 +117,28 @@ def test_a_torn_last_checkpoint_falls_back_to_the_previous_one(unfinished, smoke
     assert results["meta_updates"] > 0 and load_checkpoint(run)["round"] == _cfg(smoke_root, run).train.rounds - 1
     assert not list((run / "checkpoints").glob(".last.pt.tmp-*"))
     assert not list(run.glob(".results.*.staged")) and (run / "results.md").is_file()
+
+
+def test_a_run_written_before_the_metric_option_resumes_under_its_old_name(unfinished, smoke_root, tmp_path):
+    """learner.metric / metric_scale came later: a config.json without them still resumes (and the
+    default directory name, a hash of the options, is the one such a run was given), while another
+    metric is refused."""
+    import shutil
+
+    from raydfml.rundir import config_hash
+
+    old = tmp_path / "old"
+    shutil.copytree(unfinished, old)
+    stored = json.loads((old / "config.json").read_text())
+    del stored["learner"]["metric"], stored["learner"]["metric_scale"]
+    (old / "config.json").write_text(json.dumps(stored))
+    check_run_dir(old, _cfg(smoke_root, old), resume=True)
+    cosine = _cfg(smoke_root, old, **{"learner.name": "protonet", "learner.metric": "cosine"})
+    with pytest.raises(UserError, match=r"learner.metric=None there, 'cosine' now"):
+        check_run_dir(old, cosine, resume=True)
+    assert config_hash(_cfg(smoke_root, old)) != config_hash(cosine)
+    # the hash leaves the later options out at their defaults, so it is that of a config without them
+    from raydfml.rundir import _comparable
+
+    kept = _comparable(_cfg(smoke_root, old).to_dict())
+    assert "learner.metric" not in kept and "learner.metric_scale" not in kept
