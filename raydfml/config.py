@@ -119,8 +119,7 @@ class LearnerConfig:
     temperature: float = 1.0
     distill_via: str = "learner"        # learner (ProtoNet: its prototypes) | head (the linear head, as before)
     joint_bn: bool = False              # ProtoNet: support and query share BN batch statistics
-    metric: str = "euclidean"           # ProtoNet's logits: euclidean (-squared distance, Snell et al.) |
-                                        # cosine (metric_scale x cosine of L2-normalised features)
+    metric: str = "euclidean"           # ProtoNet: euclidean (-squared distance) | cosine (of L2-normalised features)
     metric_scale: float = 10.0          # the cosine logits' fixed scale (a softmax temperature of 1/scale)
 
 
@@ -437,7 +436,7 @@ def validate(cfg: ExperimentConfig) -> None:
         if val < 1:
             raise UserError(f"config {key}={val}: must be at least 1")
     from .data.registry import get_spec
-    from .learners import LEARNERS
+    from .learners import LEARNERS, check_metric
     from .models import BACKBONES
     from .synthesis import SYNTHESIZERS
 
@@ -450,13 +449,7 @@ def validate(cfg: ExperimentConfig) -> None:
         raise UserError(f"config learner.train_way={lc.train_way}: only learner.name=protonet meta-trains on more "
                         f"or fewer ways than it is tested on (learner {lc.name!r} classifies with a "
                         f"{t.way}-way head, train.way); add --set learner.train_way=0")
-    if lc.metric not in ("euclidean", "cosine"):
-        raise UserError(f"config learner.metric={lc.metric!r}: choose euclidean or cosine")
-    if lc.metric != "euclidean" and lc.name != "protonet":
-        raise UserError(f"config learner.metric={lc.metric!r}: only learner.name=protonet compares features "
-                        f"to prototypes (learner {lc.name!r} classifies with its head)")
-    if not lc.metric_scale > 0:
-        raise UserError(f"config learner.metric_scale={lc.metric_scale}: must be > 0")
+    check_metric(lc.name, lc.metric, lc.metric_scale)
     check_ways(cfg.data.domains or (cfg.data.dataset,), pool_way=cfg.pool.way, train_way=cfg.train.way,
                episode_way=lc.train_way or None)
     for arch in (*cfg.pool.archs, lc.arch):

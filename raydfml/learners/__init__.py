@@ -21,7 +21,7 @@ import inspect
 from torch import nn
 
 from ..errors import UserError
-from .base import (Learner, Params, Task, accuracy_of, apply_grads, distill_loss, flatten, mean_grads,
+from .base import (METRICS, Learner, Params, Task, accuracy_of, apply_grads, distill_loss, flatten, mean_grads,
                    unflatten)
 from .maml import ANIL, MAML
 from .protonet import ProtoNet, proto_logits, prototypes
@@ -33,6 +33,17 @@ LEARNERS: dict[str, type[Learner]] = {"maml": MAML, "anil": ANIL, "protonet": Pr
 def learner_options() -> list[str]:
     """Option names ``build_learner`` accepts (the same for every learner)."""
     return [p for p in inspect.signature(Learner.__init__).parameters if p not in ("self", "model")]
+
+
+def check_metric(name: str, metric: str, scale: float) -> None:
+    """The config's ``learner.metric``/``metric_scale`` for learner ``name`` (a one-line UserError)."""
+    if metric not in METRICS:
+        raise UserError(f"config learner.metric={metric!r}: choose {' or '.join(METRICS)}")
+    if metric != "euclidean" and name != "protonet":
+        raise UserError(f"config learner.metric={metric!r}: only learner.name=protonet compares features "
+                        f"to prototypes (learner {name!r} classifies with its head)")
+    if not scale > 0:
+        raise UserError(f"config learner.metric_scale={scale}: must be > 0")
 
 
 def build_learner(name: str, model: nn.Module, **cfg) -> Learner:
@@ -52,6 +63,6 @@ def build_learner(name: str, model: nn.Module, **cfg) -> Learner:
     return LEARNERS[key](model, **cfg)
 
 
-__all__ = ["ANIL", "LEARNERS", "Learner", "MAML", "Params", "ProtoNet", "Reptile", "Task", "accuracy_of",
-           "apply_grads", "build_learner", "distill_loss", "flatten", "learner_options", "mean_grads",
-           "proto_logits", "prototypes", "unflatten"]
+__all__ = ["ANIL", "LEARNERS", "METRICS", "Learner", "MAML", "Params", "ProtoNet", "Reptile", "Task",
+           "accuracy_of", "apply_grads", "build_learner", "check_metric", "distill_loss", "flatten",
+           "learner_options", "mean_grads", "proto_logits", "prototypes", "unflatten"]

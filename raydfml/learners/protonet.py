@@ -4,8 +4,8 @@ Embeddings are ``model.forward_features`` (the flattened input of the head; the 
 unused). Class prototypes are the means of the support embeddings; logits are the negative squared
 Euclidean distances ``-||f(q) - p_c||^2`` (no temperature), or with ``metric="cosine"`` the scaled
 cosines ``s * <f(q)/||f(q)||, p_c/||p_c||>`` with ``p_c`` the mean of the normalised support
-embeddings (``s`` = ``metric_scale``; Chen et al. 2019's cosine classifiers use a fixed 10), trained with the task loss (CE, plus
-distillation when the task carries teacher logits for the query). There is no inner loop: ``adapt``
+embeddings (``s`` = ``metric_scale``; Chen et al. 2019's cosine classifiers use a fixed 10); trained
+with the task loss (CE, plus distillation when the task carries teacher logits for the query). There is no inner loop: ``adapt``
 is the identity and ``predict`` uses the support prototypes without fine-tuning.
 
 Support and query are embedded in separate forward passes, so BatchNorm normalises each with its own
